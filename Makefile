@@ -30,8 +30,13 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m experiments.train
 
+# GPU-only benchmarks (kernels, streamed zeroth-order) run only where CUDA is present.
 bench: $(STAMP)
-	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@cuda=$$($(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))"); \
+	for b in benchmarks/*.py; do \
+	  case $$b in *fused_kernels.py|*_gpu.py) [ "$$cuda" = 1 ] || { echo "== $$b: skipped (needs CUDA)"; continue; };; esac; \
+	  echo "== $$b"; $(BIN)/python $$b || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+
 # hidden, intermediate (FFN), heads, layers. Vocabulary 32000 (the T5 tokenizer of the paper),
 # context 256 for pre-training, as in the paper's C4 runs.
 @dataclass(frozen=True)

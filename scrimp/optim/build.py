@@ -1,0 +1,117 @@
+"""Build an optimizer from a plain dict or Hydra config by name.
+
+    from scrimp.optim import build
+    opt = build({"name": "galore", "lr": 1e-2, "rank": 128, "update_proj_gap": 200, "scale": 0.25}, model)
+
+Names: adamw (torch.optim.AdamW), adamw8bit (bitsandbytes AdamW8bit), galore, galore8bit, frugal
+(scrimp), zo_sgd / zo_adam (``scrimp.optim.zeroth_order``, resolved lazily). ``target_modules``
+("all-linear" or regexes) picks the projected weights; ``layerwise=True`` wraps the optimizer in
+``scrimp.optim.layerwise`` with ``accumulate`` micro-batches. Keys set to None count as absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .groups import param_groups
+from .layerwise import layerwise as make_layerwise
+
+COMMON_KEYS = ("lr", "weight_decay", "betas", "eps")
+WRAPPER_KEYS = ("layerwise", "accumulate", "clip_grad_norm")
+GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "projector", "stagger", "seed")
+FRUGAL_GROUP_KEYS = ("density", "rank")
+FRUGAL_KEYS = ("update_gap", "proj_type", "inactive_update_rule", "inactive_lr_scale", "proj_params_lr_scale",
+               "reset_statistics", "proj_side", "stagger", "seed")
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "adamw": COMMON_KEYS + ("fused", "foreach", "amsgrad"),
+    "adamw8bit": COMMON_KEYS,
+    "galore": COMMON_KEYS + GALORE_GROUP_KEYS + ("target_modules", "fused"),
+    "galore8bit": COMMON_KEYS + GALORE_GROUP_KEYS + ("target_modules",),
+    "frugal": COMMON_KEYS + FRUGAL_GROUP_KEYS + FRUGAL_KEYS + ("target_modules", "fused"),
+}
+ZEROTH_ORDER = {"zo_sgd": "scrimp.optim.zeroth_order:ZOSGD", "zo_adam": "scrimp.optim.zeroth_order:ZOAdam"}
+KNOWN_NAMES = tuple(ALLOWED) + tuple(ZEROTH_ORDER)
+
+
+def _plain(cfg: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # omegaconf is optional for users who pass dicts
+        pass
+    if not isinstance(cfg, dict):
+        raise TypeError(f"cfg must be a dict or DictConfig with a 'name' key, got {type(cfg).__name__}")
+    return {k: (tuple(v) if k == "betas" else v) for k, v in cfg.items() if v is not None}
+
+
+def resolve(spec: str):
+    """Import ``'module.path:Attr'``."""
+    module, attr = spec.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build(cfg: Any, model: nn.Module):
+    """An optimizer for ``model`` from ``cfg`` (``name`` plus keyword arguments); see the module doc."""
+    cfg = _plain(cfg)
+    name = cfg.pop("name", None)
+    if name not in KNOWN_NAMES:
+        raise ValueError(f"optimizer name must be one of {list(KNOWN_NAMES)}, got {name!r}")
+    wrap = {k: cfg.pop(k) for k in WRAPPER_KEYS if k in cfg}
+    use_layerwise = bool(wrap.get("layerwise", False))
+    accumulate = wrap.get("accumulate", 1)
+    if not use_layerwise and accumulate != 1:
+        raise ValueError(f"accumulate={accumulate} applies only with layerwise=True; for ordinary training use the "
+                         "trainer's accumulate_grad_batches")
+    if not use_layerwise and "clip_grad_norm" in wrap:
+        raise ValueError("clip_grad_norm is only read with layerwise=True (where it is refused); set gradient "
+                         "clipping on the trainer instead")
+    if name in ZEROTH_ORDER:
+        if use_layerwise:
+            raise ValueError(f"layerwise=True does not apply to {name}: zeroth-order optimizers run no backward")
+        cls = resolve(ZEROTH_ORDER[name])
+        try:
+            return cls([p for p in model.parameters() if p.requires_grad], **cfg)
+        except TypeError as err:
+            raise ValueError(f"bad arguments for optimizer {name!r}: {err}") from err
+    extra = sorted(set(cfg) - set(ALLOWED[name]))
+    if extra:
+        raise ValueError(f"optimizer {name!r} does not take {extra}; allowed keys are "
+                         f"{sorted(ALLOWED[name] + WRAPPER_KEYS)}")
+    groups, factory = _groups_and_factory(name, cfg, model)
+    if use_layerwise:
+        return make_layerwise(model, factory, accumulate, clip_grad_norm=wrap.get("clip_grad_norm"), groups=groups)
+    return factory(groups)
+
+
+def _groups_and_factory(name: str, cfg: dict, model: nn.Module):
+    target = cfg.pop("target_modules", "all-linear")
+    if name == "adamw":
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}], \
+            lambda groups: torch.optim.AdamW(groups, **cfg)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}], \
+            lambda groups: bnb.optim.AdamW8bit(groups, **cfg)
+    if name in ("galore", "galore8bit"):
+        from .galore import GaLoreAdamW, GaLoreAdamW8bit
+
+        group_kwargs = {k: cfg.pop(k) for k in GALORE_GROUP_KEYS if k in cfg}
+        group_kwargs.setdefault("rank", 128)
+        group_kwargs.setdefault("update_proj_gap", 200)
+        group_kwargs.setdefault("scale", 0.25)
+        group_kwargs.setdefault("proj_type", "std")
+        cls = GaLoreAdamW if name == "galore" else GaLoreAdamW8bit
+        return param_groups(model, target, **group_kwargs), lambda groups: cls(groups, **cfg)
+    from .frugal import FrugalAdamW
+
+    group_kwargs = {k: cfg.pop(k) for k in FRUGAL_GROUP_KEYS if k in cfg}
+    if not group_kwargs:
+        group_kwargs["density"] = 0.25
+    return param_groups(model, target, **group_kwargs), lambda groups: FrugalAdamW(groups, **cfg)

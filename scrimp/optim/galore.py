@@ -1,0 +1,69 @@
+"""GaLore as a thin configuration of the subspace engine (Zhao et al., 2024, arXiv:2403.03507).
+
+Drop-in for ``galore_torch.GaLoreAdamW``: the same parameter-group format,
+``{'params': [...], 'rank': 128, 'update_proj_gap': 200, 'scale': 0.25, 'proj_type': 'std'}``;
+groups without ``rank`` are plain AdamW.
+
+    from scrimp.optim import GaLoreAdamW, param_groups
+    opt = GaLoreAdamW(param_groups(model, rank=128, update_proj_gap=200, scale=0.25), lr=1e-2)
+
+Differences from galore-torch, on purpose: projector refreshes are staggered across parameters
+(``stagger=True``; ``False`` refreshes every matrix on the same steps, as the original), weight
+decay is decoupled and applied before the update (torch AdamW order; galore-torch applies it
+after), the state dict holds only tensors and numbers, and a failed SVD falls back with a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .subspace import SubspaceAdamW
+
+
+class GaLoreAdamW(SubspaceAdamW):
+    """AdamW with GaLore gradient low-rank projection on the groups that carry ``rank``.
+
+    Defaults follow galore-torch (lr 1e-3, betas (0.9, 0.999), eps 1e-6, no weight decay; group
+    defaults update_proj_gap 200, scale 0.25, proj_type "std"). ``projector`` picks svd (default),
+    rsvd or random; ``fused`` selects the Triton kernels (None: on CUDA when triton imports).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        projector: str = "svd",
+        stagger: bool = True,
+        seed: int = 0,
+        fused: bool | None = None,
+        no_deprecation_warning: bool = True,
+        _moments_8bit: bool = False,
+    ):
+        if correct_bias is not True:
+            raise ValueError("correct_bias must be True: GaLoreAdamW always applies Adam's bias correction")
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused, moments_8bit=_moments_8bit,
+            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=projector,
+            stagger=stagger, seed=seed,
+        )
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLoreAdamW with 8-bit blockwise-quantized moments (bitsandbytes; works on CPU).
+
+    Follows galore-torch's ``GaLoreAdamW8bit`` idea (Adam8bit on the projected gradient) with
+    bitsandbytes' dynamic blockwise quantization (Dettmers et al., 2022) of both moments;
+    tensors under 4096 elements keep fp32 moments, as bitsandbytes does.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, **kwargs):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, _moments_8bit=True, **kwargs)

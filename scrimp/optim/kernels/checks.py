@@ -1,0 +1,94 @@
+"""Argument checks shared by every backend of ``projected_adam_step``.
+
+One clear sentence per bad input, raised before any tensor is touched, so that the Triton and the
+torch backends refuse exactly the same calls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from scrimp.optim.functional import RESIDUAL_RULES, SIDES
+
+BACKENDS = ("auto", "torch", "triton")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def low_rank_shape(weight_shape: tuple[int, int], rank: int, side: str) -> tuple[int, int]:
+    """Shape of R = P^T G (side="left") or R = G P (side="right") for a (m, n) weight and a rank-r P."""
+    m, n = weight_shape
+    return (rank, n) if side == "left" else (m, rank)
+
+
+def projector_shape(weight_shape: tuple[int, int], rank: int, side: str) -> tuple[int, int]:
+    """Shape of P: (m, r) for side="left", (n, r) for side="right"."""
+    m, n = weight_shape
+    return (m, rank) if side == "left" else (n, rank)
+
+
+def check_step_arguments(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    P: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    side: str,
+    residual: str | None,
+    residual_lr_scale: float,
+    backend: str,
+) -> None:
+    """Validate one projected Adam step's arguments; raise ValueError/TypeError naming the first bad one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    if residual not in RESIDUAL_RULES:
+        raise ValueError(f"residual must be one of {RESIDUAL_RULES}, got {residual!r}")
+    for name, tensor in (("W", W), ("G", G), ("P", P), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
+    if W.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"W must be float32, bfloat16 or float16, got {W.dtype}")
+    for name, tensor in (("G", G), ("P", P)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    for name, tensor in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32 (Adam moments are kept in fp32), got {tensor.dtype}")
+    if G.shape != W.shape:
+        raise ValueError(f"G must have W's shape {tuple(W.shape)}, got {tuple(G.shape)}")
+    rank = P.shape[1]
+    expected_p = projector_shape(tuple(W.shape), rank, side)
+    if tuple(P.shape) != expected_p:
+        raise ValueError(
+            f"P must have shape {expected_p} for side={side!r} and a {tuple(W.shape)} weight, got {tuple(P.shape)}"
+        )
+    expected_r = low_rank_shape(tuple(W.shape), rank, side)
+    for name, tensor in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if tuple(tensor.shape) != expected_r:
+            raise ValueError(f"{name} must have the low-rank shape {expected_r} for side={side!r}, got {tuple(tensor.shape)}")
+    devices = {t.device for t in (W, G, P, exp_avg, exp_avg_sq)}
+    if len(devices) != 1:
+        raise ValueError(f"W, G, P, exp_avg and exp_avg_sq must be on one device, got {sorted(map(str, devices))}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (the step count after this update), got {step!r}")
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("scale", scale), ("residual_lr_scale", residual_lr_scale)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
+            raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")

@@ -1,0 +1,135 @@
+"""The Triton backend of ``projected_adam_step``: kernel 1 then kernel 2, two launches per matrix.
+
+Imported lazily (it needs Triton). Whether the kernels run compiled or in Triton's interpreter is
+fixed when this module is first imported: Triton reads ``TRITON_INTERPRET`` when ``@triton.jit``
+decorates a kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from scrimp.optim.functional import bias_correction
+from scrimp.optim.kernels.back_projection import launch_back_project_update
+from scrimp.optim.kernels.projection import launch_project_adam
+
+
+def _interpreter_on() -> bool:
+    try:
+        from triton import knobs  # Triton >= 3.4
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return bool(knobs.runtime.interpret)
+
+
+# Captured at import, like the @triton.jit decorations above: this is the mode the kernels are in.
+INTERPRETED = _interpreter_on()
+
+# fp32 dots: "ieee" is exact fp32 FMA; "tf32x3" splits each operand into two TF32 parts and runs
+# three tensor-core products (near-fp32 accuracy at tensor-core speed on sm_80+); "tf32" (~3e-4
+# relative error) is never the default. The interpreter computes in numpy fp32 whatever is named.
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+DEFAULT_GPU_DOT_PRECISION = "tf32x3"
+
+
+def check_triton_device(tensor: torch.Tensor) -> None:
+    """Refuse a tensor the compiled or interpreted kernels cannot read, in one sentence."""
+    if tensor.device.type == "cuda":
+        if INTERPRETED:
+            raise ValueError(
+                "backend='triton' got CUDA tensors but Triton is in interpreter mode (TRITON_INTERPRET=1 was set "
+                "when scrimp.optim.kernels.fused was imported); unset it to run the compiled kernels"
+            )
+        return
+    if not INTERPRETED:
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got {tensor.device}; use backend='torch' (or 'auto'), or set "
+            "TRITON_INTERPRET=1 before scrimp.optim.kernels.fused is imported to run the kernels in Triton's interpreter"
+        )
+
+
+def right_form_views(W, G, P, exp_avg, exp_avg_sq, side):
+    """Views that turn side="left" into the kernels' right form: transpose W, G and the moments, keep P."""
+    if side == "left":
+        return W.t(), G.t(), P, exp_avg.t(), exp_avg_sq.t()
+    return W, G, P, exp_avg, exp_avg_sq
+
+
+def projected_adam_step_triton(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    P: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    side: str,
+    residual: str | None = None,
+    residual_lr_scale: float = 1.0,
+    dot_precision: str | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    launch_configs: tuple[triton.Config | None, triton.Config | None] = (None, None),
+) -> None:
+    """One fused projected Adam step (GaLore, Zhao et al. 2024; FRUGAL residual, Zmushko et al. 2024).
+
+    Same math as ``scrimp.optim.functional.projected_adam_step_torch``; arguments are assumed checked
+    by ``scrimp.optim.kernels.checks.check_step_arguments``. In place on W and the moments unless
+    ``out = (W_out, exp_avg_out, exp_avg_sq_out)`` names separate buffers (same shapes and strides);
+    ``workspace = (N, R)`` lends the (M, r) right-form fp32 intermediates (R only with a residual),
+    which tests poison to prove every element is written. ``dot_precision`` defaults to "ieee" under
+    the interpreter and "tf32x3" when compiled. ``launch_configs`` pins the (kernel 1, kernel 2)
+    ``triton.Config``s; None means autotuned on CUDA, the fixed small one under the interpreter.
+    """
+    check_triton_device(W)
+    if dot_precision is None:
+        dot_precision = "ieee" if INTERPRETED else DEFAULT_GPU_DOT_PRECISION
+    if dot_precision not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
+    W_out, exp_avg_out, exp_avg_sq_out = out if out is not None else (W, exp_avg, exp_avg_sq)
+    for name, dst, src in (("W", W_out, W), ("exp_avg", exp_avg_out, exp_avg), ("exp_avg_sq", exp_avg_sq_out, exp_avg_sq)):
+        if dst.shape != src.shape or dst.dtype != src.dtype or dst.device != src.device:
+            raise ValueError(f"out buffer for {name} must match it in shape, dtype and device")
+    w, g, p, m, v = right_form_views(W, G, P, exp_avg, exp_avg_sq, side)
+    w_out, _, _, m_out, v_out = right_form_views(W_out, G, P, exp_avg_out, exp_avg_sq_out, side)
+    rows, rank = w.shape[0], p.shape[1]
+    if workspace is None:
+        normalized = torch.empty((rows, rank), dtype=torch.float32, device=W.device)
+        projected = torch.empty_like(normalized) if residual is not None else None
+    else:
+        normalized, projected = workspace
+        for name, buf in (("N", normalized), ("R", projected)):
+            if buf is not None and (tuple(buf.shape) != (rows, rank) or buf.dtype != torch.float32
+                                    or buf.device != W.device):
+                raise ValueError(f"workspace {name} must be float32 of shape {(rows, rank)} on {W.device}")
+        if residual is not None and projected is None:
+            raise ValueError("workspace R is required when a residual rule is on")
+    low_precision_dot = (not INTERPRETED) and g.dtype == p.dtype and g.dtype in (torch.bfloat16, torch.float16)
+    launch_project_adam(
+        g, p, m, v, m_out, v_out, normalized, projected,
+        beta1=beta1, beta2=beta2, eps=eps, bias_correction=bias_correction(step, beta1, beta2),
+        dot_precision=dot_precision, low_precision_dot=low_precision_dot, interpret=INTERPRETED,
+        config=launch_configs[0],
+    )
+    residual_ratio = None
+    if residual == "scaled":
+        # ||N|| / ||R|| over the whole low-rank matrices (0 when R = 0), as functional.residual_update;
+        # kept on the device so the step never waits on the host.
+        r_norm = torch.linalg.vector_norm(projected)
+        ratio = torch.linalg.vector_norm(normalized) / r_norm
+        residual_ratio = torch.where(r_norm > 0, ratio, torch.zeros_like(ratio)).reshape(1)
+    launch_back_project_update(
+        w, w_out, g, p, normalized, projected,
+        lr=lr, weight_decay=weight_decay, scale=scale, residual=residual, residual_lr_scale=residual_lr_scale,
+        residual_ratio=residual_ratio,
+        dot_precision=dot_precision, interpret=INTERPRETED, config=launch_configs[1],
+    )

@@ -1,0 +1,236 @@
+"""Projectors: which low-dimensional subspace of a 2-D gradient gets optimizer state.
+
+A projector is a small frozen object (its configuration) plus a per-parameter state dict that
+holds only tensors and plain numbers, kept inside ``optimizer.state[p]`` under ``proj_*`` keys so
+that ``state_dict()`` loads with ``torch.load(weights_only=True)``.
+
+Kinds (``PROJECTORS``):
+- ``svd``: top-r singular vectors of the gradient, computed in fp32 (GaLore, Zhao et al., 2024).
+- ``rsvd``: randomized SVD with power iterations (Halko, Martinsson & Tropp, 2011), seeded.
+- ``random``: seeded Gaussian made semi-orthogonal by QR; only the seed and refresh count are
+  stored and the matrix is regenerated each step (as Flora/FRUGAL's random projections).
+- ``randperm``: a seeded random subset of r rows (left side) or columns (right side).
+- ``rows`` / ``columns``: a contiguous window of r rows / columns that moves cyclically at each
+  refresh (deterministic coordinate rotation).
+- ``randk``: a seeded random subset of k entries of the matrix (FRUGAL's RandK); the int32
+  indices are stored (drawing them is O(mn)).
+- ``blocks``: whole parameters in rotation (BAdam, Luo et al., 2024): the engine decides which
+  parameters are active; handled in ``subspace.py``.
+- ``full``: the identity (density 1: plain Adam); ``none``: an empty subspace (rank 0, state-free).
+
+Sides follow GaLore's ``proj_type``: ``std`` projects from the left when m < n and from the right
+otherwise (the smaller side gets the projector), ``reverse_std`` the opposite, ``left``/``right`` fixed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PROJECTORS = ("svd", "rsvd", "random", "randperm", "rows", "columns", "randk", "blocks", "full", "none")
+DENSE = ("svd", "rsvd", "random")
+COORDINATE = ("randperm", "rows", "columns", "randk")
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as a RuntimeWarning the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def choose_side(shape: tuple[int, int], proj_type: str) -> str:
+    """GaLore's side rule: "left" (P is (m, r)) or "right" (P is (n, r)) for an (m, n) matrix."""
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right"):
+        return proj_type
+    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+
+
+def mix_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix64-style), for per-parameter, per-refresh RNGs."""
+    x = 0x9E3779B97F4A7C15
+    for part in parts:
+        x = (x ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def _generator(seed: int) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+def svd_basis(G: Tensor, rank: int, side: str) -> Tensor:
+    """Top-``rank`` singular vectors of ``G`` in fp32: U[:, :r] (left) or V[:, :r] (right). May raise."""
+    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    return U[:, :rank].contiguous() if side == "left" else Vh[:rank].t().contiguous()
+
+
+def eigh_basis(G: Tensor, rank: int, side: str) -> Tensor:
+    """Fallback for a failed SVD: top eigenvectors of G G^T (left) or G^T G (right) in float64."""
+    A = G.double()
+    gram = A @ A.t() if side == "left" else A.t() @ A
+    _, vecs = torch.linalg.eigh(gram)
+    return vecs[:, -rank:].flip(-1).float().contiguous()
+
+
+def rsvd_basis(G: Tensor, rank: int, side: str, *, seed: int, power_iters: int = 2, oversample: int = 8) -> Tensor:
+    """Randomized range finder with power iterations (Halko et al., 2011, Alg. 4.4), fp32, seeded."""
+    A = G.float() if side == "left" else G.float().t()  # find the column space of A
+    k = min(rank + oversample, min(A.shape))
+    omega = torch.randn(A.shape[1], k, generator=_generator(seed)).to(A.device)
+    Q = torch.linalg.qr(A @ omega).Q
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(A.t() @ Q).Q
+        Q = torch.linalg.qr(A @ Q).Q
+    Ub, _, _ = torch.linalg.svd(Q.t() @ A, full_matrices=False)
+    return (Q @ Ub[:, :rank]).contiguous()
+
+
+def random_basis(dim: int, rank: int, *, seed: int, device: torch.device) -> Tensor:
+    """A seeded (dim, rank) matrix with orthonormal columns: QR of a Gaussian (sign-fixed, so unique)."""
+    gauss = torch.randn(dim, rank, generator=_generator(seed))
+    Q, R = torch.linalg.qr(gauss)
+    Q = Q * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones(()))
+    return Q.to(device)
+
+
+def coordinate_index(kind: str, shape: tuple[int, int], rank: int, side: str, *, seed: int, refresh: int,
+                     device: torch.device) -> Tensor:
+    """Sorted int64 indices of the selected rows/columns (or flat entries for ``randk``)."""
+    m, n = shape
+    if kind == "randk":
+        return torch.randperm(m * n, generator=_generator(mix_seed(seed, refresh)))[:rank].sort().values.to(device)
+    if kind in ("rows", "columns"):
+        dim = m if kind == "rows" else n
+    else:
+        dim = m if side == "left" else n
+    if kind == "randperm":
+        idx = torch.randperm(dim, generator=_generator(mix_seed(seed, refresh)))[:rank].sort().values
+    else:  # rows / columns: a contiguous cyclic window that moves by `rank` at each refresh
+        start = (refresh * rank) % dim
+        idx = ((torch.arange(rank) + start) % dim).sort().values
+    return idx.to(device)
+
+
+@dataclass(frozen=True)
+class Projector:
+    """Configuration of one parameter's projector; its state lives in the optimizer's per-param dict.
+
+    ``rank`` is the subspace size (entries for ``randk``); ``side`` "left"/"right"; ``gap`` the
+    refresh period in steps and ``offset`` this parameter's stagger offset (refresh when
+    ``(step + offset) % gap == 0``, plus at the first step).
+    """
+
+    kind: str
+    shape: tuple[int, int]
+    rank: int
+    side: str
+    gap: int
+    offset: int = 0
+    seed: int = 0
+    power_iters: int = 2
+
+    @property
+    def dense(self) -> bool:
+        return self.kind in DENSE
+
+    @property
+    def coordinate_dim(self) -> int | None:
+        """0 for row selection, 1 for column selection, None for flat entries (randk)."""
+        if self.kind == "randk":
+            return None
+        if self.kind in ("rows", "columns"):
+            return 0 if self.kind == "rows" else 1
+        return 0 if self.side == "left" else 1
+
+    def moment_shape(self) -> tuple[int, ...]:
+        """Shape of the Adam moments in the subspace."""
+        m, n = self.shape
+        if self.kind in ("full", "blocks"):
+            return (m, n)
+        if self.kind == "randk":
+            return (self.rank,)
+        if self.kind in ("rows", "columns"):
+            return (self.rank, n) if self.kind == "rows" else (m, self.rank)
+        return (self.rank, n) if self.side == "left" else (m, self.rank)
+
+    def refresh_due(self, state: dict, step: int) -> bool:
+        """Whether the subspace is recomputed before 0-based step ``step``."""
+        if "proj_refresh" not in state:
+            return True
+        return (step + self.offset) % self.gap == 0
+
+    def refresh(self, G: Tensor, state: dict) -> None:
+        """Recompute the subspace from gradient ``G`` and record it in ``state`` (tensors and numbers only)."""
+        count = state.get("proj_refresh", -1) + 1
+        if self.kind == "svd" or self.kind == "rsvd":
+            P = self._spectral_basis(G, state, count)
+            if P is not None:
+                state["proj_P"] = P
+        state["proj_refresh"] = count
+        state["proj_seed"] = self.seed
+        if self.kind == "randk":
+            # A random k-subset of m*n entries costs O(mn) to draw, too slow to redo every step;
+            # it is kept as int32 (counted as projector state). Row/column subsets are redrawn.
+            index = coordinate_index(self.kind, self.shape, self.rank, self.side, seed=self.seed, refresh=count,
+                                     device=G.device)
+            state["proj_index"] = index.to(torch.int32)
+
+    def _spectral_basis(self, G: Tensor, state: dict, count: int) -> Tensor | None:
+        """SVD/rSVD with fallbacks: eigh of the Gram matrix, then the previous projector, then random."""
+        try:
+            if not torch.isfinite(G).all():
+                raise torch.linalg.LinAlgError("non-finite gradient")
+            if self.kind == "svd":
+                P = svd_basis(G, self.rank, self.side)
+            else:
+                P = rsvd_basis(G, self.rank, self.side, seed=mix_seed(self.seed, count), power_iters=self.power_iters)
+            if torch.isfinite(P).all():
+                return P
+            raise torch.linalg.LinAlgError("non-finite singular vectors")
+        except (RuntimeError, torch.linalg.LinAlgError) as err:
+            reason = str(err).splitlines()[0][:120]
+        try:
+            if torch.isfinite(G).all():
+                P = eigh_basis(G, self.rank, self.side)
+                if torch.isfinite(P).all():
+                    warn_once("svd-fallback", f"{self.kind} of a gradient failed ({reason}); using eigh of the "
+                                          "Gram matrix instead (warned once)")
+                    return P.to(G.device)
+        except (RuntimeError, torch.linalg.LinAlgError):
+            pass
+        if "proj_P" in state:
+            warn_once("svd-fallback", f"{self.kind} of a gradient failed ({reason}); keeping the previous "
+                                  "projector (warned once)")
+            return None
+        warn_once("svd-fallback", f"{self.kind} of a gradient failed ({reason}) at the first step; using a "
+                                "seeded random projector until the next refresh (warned once)")
+        dim = self.shape[0] if self.side == "left" else self.shape[1]
+        return random_basis(dim, self.rank, seed=mix_seed(self.seed, count, 1), device=G.device)
+
+    def matrix(self, state: dict, device: torch.device) -> Tensor:
+        """The dense (dim, rank) projector for ``svd``/``rsvd``/``random`` kinds."""
+        if self.kind == "random":
+            dim = self.shape[0] if self.side == "left" else self.shape[1]
+            return random_basis(dim, self.rank, seed=mix_seed(self.seed, state["proj_refresh"]), device=device)
+        return state["proj_P"]
+
+    def index(self, state: dict, device: torch.device) -> Tensor:
+        """The selected coordinates for coordinate kinds."""
+        if self.kind == "randk":
+            return state["proj_index"]
+        return coordinate_index(self.kind, self.shape, self.rank, self.side, seed=self.seed,
+                                refresh=state["proj_refresh"], device=device)

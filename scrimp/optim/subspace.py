@@ -1,0 +1,475 @@
+"""The composable core: one optimizer engine = projector x inner rule (Adam) x residual rule.
+
+``SubspaceAdamW`` is the single place where a projected step is orchestrated. GaLore
+(Zhao et al., 2024) is ``projector=svd, residual=None``; FRUGAL (Zmushko et al., 2025) is any
+projector with ``residual="sign_sgd"``/``"sgd"``; Fira/APOLLO-style norm-scaled residuals are
+``residual="scaled"``. The design follows optax's ``chain`` / ``scale_by_galore`` idea of
+composing pieces rather than re-implementing Adam per class.
+
+Param groups: a group with a ``rank`` or ``density`` key is projected, any other group is plain
+AdamW. Group keys of projected groups (defaults in ``PROJECTION_DEFAULTS``):
+``rank`` or ``density``, ``update_proj_gap``, ``scale``, ``proj_type`` (std/reverse_std/left/right),
+``projector`` (see ``scrimp.optim.projection.PROJECTORS``), ``residual`` (None/sign_sgd/sgd/scaled),
+``residual_lr_scale``, ``reset_statistics``, ``stagger``, ``seed``, ``power_iters``.
+
+State per parameter (only tensors, ints, floats, strings): ``step``, ``moment_step``, ``exp_avg``,
+``exp_avg_sq`` (or ``exp_avg_q``/``exp_avg_absmax``/... for 8-bit moments), ``proj_P``,
+``proj_refresh``, ``proj_seed``, ``proj_offset``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .projection import COORDINATE, DENSE, PROJ_TYPES, PROJECTORS, Projector, choose_side, mix_seed
+
+RESIDUALS = (None, "sign_sgd", "sgd", "scaled")
+PROJECTION_DEFAULTS: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "scale": 1.0,
+    "proj_type": "std",
+    "projector": "svd",
+    "residual": None,
+    "residual_lr_scale": 1.0,
+    "reset_statistics": False,
+    "stagger": True,
+    "seed": 0,
+    "power_iters": 2,
+}
+PROJECTION_KEYS = ("rank", "density", *PROJECTION_DEFAULTS)
+MIN_8BIT_NUMEL = 4096  # as bitsandbytes' min_8bit_size: tiny tensors keep fp32 moments
+BLOCKSIZE_8BIT = 256
+
+
+def is_projected_group(group: dict) -> bool:
+    """A group is projected when it names a subspace size (``rank`` or ``density``)."""
+    return group.get("rank") is not None or group.get("density") is not None
+
+
+def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None, density: float | None) -> tuple[str, int]:
+    """Map (projector kind, rank or density) to the effective kind and subspace size of one weight.
+
+    Density ``d`` selects ``round(d * dim)`` directions (entries for ``randk``); a full selection
+    becomes ``full`` (plain Adam, so FRUGAL with density 1 is AdamW), an empty one ``none``.
+    An explicit ``rank`` is in directions; for ``randk`` it means ``rank * max(m, n)`` entries.
+    """
+    m, n = shape
+    if kind in ("blocks", "full", "none"):
+        return kind, 0
+    if kind == "randk":
+        total = m * n
+        size = round(density * total) if rank is None else rank * max(m, n)
+    else:
+        dim = {"rows": m, "columns": n}.get(kind, min(m, n))
+        total = dim
+        size = round(density * dim) if rank is None else rank
+    if size >= total:
+        return "full", 0
+    if size <= 0:
+        return "none", 0
+    return kind, int(size)
+
+
+def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
+    """Raise one clear ValueError for a bad hyper-parameter of ``group`` before any step runs."""
+    lr = group["lr"]
+    if not isinstance(lr, (int, float)) or lr < 0:
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    if group["eps"] < 0:
+        raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if group["weight_decay"] < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+    if not is_projected_group(group):
+        return
+    kind, proj_type = group["projector"], group["proj_type"]
+    if kind not in PROJECTORS:
+        raise ValueError(f"projector must be one of {PROJECTORS}, got {kind!r}")
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    if group["residual"] not in RESIDUALS:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {group['residual']!r}")
+    gap = group["update_proj_gap"]
+    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
+        raise ValueError(f"update_proj_gap must be an integer >= 1, got {gap!r}")
+    rank, density = group.get("rank"), group.get("density")
+    if rank is not None and density is not None:
+        raise ValueError(f"give either rank or density for a projected group, not both (rank={rank}, density={density})")
+    if density is not None and not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if kind == "blocks" and density is None:
+        raise ValueError("projector 'blocks' needs density in (0, 1] (the fraction of parameters kept active)")
+    min_rank = 0 if allow_empty_subspace else 1
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < min_rank):
+        raise ValueError(f"rank must be an integer >= {min_rank}, got {rank!r}")
+    for p in group["params"]:
+        if p.dim() != 2:
+            raise ValueError(
+                f"projection needs 2-D parameters, got a {p.dim()}-D parameter of shape {tuple(p.shape)} in a "
+                "group with rank/density; put it in a group without projection keys"
+            )
+        if rank is not None and kind not in ("blocks", "full", "none") and rank >= min(p.shape):
+            raise ValueError(
+                f"rank must be below min(m, n) = {min(p.shape)} for a parameter of shape {tuple(p.shape)}, got {rank}"
+            )
+
+
+# -- 8-bit moments (bitsandbytes blockwise dynamic quantization; works on CPU) -------------------
+_CODES: dict[tuple[bool, str], Tensor] = {}
+
+
+def _code(signed: bool, device: torch.device) -> Tensor:
+    key = (signed, str(device))
+    if key not in _CODES:
+        import bitsandbytes.functional as bnbf
+
+        _CODES[key] = bnbf.create_dynamic_map(signed=signed).to(device)
+    return _CODES[key]
+
+
+def quantize_moment_(x: Tensor, q: Tensor, absmax: Tensor, *, signed: bool) -> None:
+    """Blockwise 8-bit quantization of fp32 ``x`` into the state tensors ``q`` (uint8) and ``absmax``."""
+    import bitsandbytes.functional as bnbf
+
+    bnbf.quantize_blockwise(x, code=_code(signed, x.device), absmax=absmax, out=q, blocksize=BLOCKSIZE_8BIT)
+
+
+def dequantize_moment(q: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
+    """fp32 values of a blockwise-quantized moment."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_blockwise(q, absmax=absmax, code=_code(signed, q.device), blocksize=BLOCKSIZE_8BIT)
+
+
+def _zeros_moments(state: dict, shape: tuple[int, ...], device: torch.device, eight_bit: bool) -> None:
+    numel = math.prod(shape)
+    if eight_bit and numel >= MIN_8BIT_NUMEL:
+        blocks = (numel + BLOCKSIZE_8BIT - 1) // BLOCKSIZE_8BIT
+        for name in ("exp_avg", "exp_avg_sq"):
+            # code 127 of the signed map and 0 of the unsigned map are the value 0 with absmax 0 anyway
+            state[f"{name}_q"] = torch.zeros(shape, dtype=torch.uint8, device=device)
+            state[f"{name}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=device)
+    else:
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=device)
+
+
+def _drop_moments(state: dict) -> None:
+    for key in ("exp_avg", "exp_avg_sq", "exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"):
+        state.pop(key, None)
+
+
+def _has_moments(state: dict) -> bool:
+    return "exp_avg" in state or "exp_avg_q" in state
+
+
+def _open_moments(state: dict) -> tuple[Tensor, Tensor, bool]:
+    """fp32 views (or dequantized copies) of the moments, and whether they must be written back."""
+    if "exp_avg" in state:
+        return state["exp_avg"], state["exp_avg_sq"], False
+    m = dequantize_moment(state["exp_avg_q"], state["exp_avg_absmax"], signed=True)
+    v = dequantize_moment(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False)
+    return m, v, True
+
+
+def _close_moments(state: dict, m: Tensor, v: Tensor) -> None:
+    quantize_moment_(m, state["exp_avg_q"], state["exp_avg_absmax"], signed=True)
+    quantize_moment_(v, state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False)
+
+
+def _kernels_available(p: Tensor) -> bool:
+    if not p.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SubspaceAdamW(torch.optim.Optimizer):
+    """AdamW whose projected groups keep moments in a subspace of each 2-D gradient (see module doc).
+
+    ``fused``: None (auto: fused Triton kernels iff the parameter is on CUDA and triton imports),
+    True (always call ``scrimp.optim.kernels``), False (torch path). ``moments_8bit`` stores the
+    moments blockwise-quantized with bitsandbytes (Dettmers et al., 2022, "8-bit optimizers").
+    ``allow_empty_subspace`` lets ``rank=0`` mean "no state at all" (FRUGAL's density -> 0 limit).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        fused: bool | None = None,
+        moments_8bit: bool = False,
+        allow_empty_subspace: bool = False,
+        **projection_defaults: Any,
+    ):
+        unknown = set(projection_defaults) - set(PROJECTION_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown optimizer argument(s) {sorted(unknown)}; projection keys are {list(PROJECTION_KEYS)}")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self._projection_defaults = {**PROJECTION_DEFAULTS, **projection_defaults}
+        self._allow_empty = allow_empty_subspace
+        self.fused = fused
+        self.moments_8bit = moments_8bit
+        self._projectors: dict[Tensor, Projector] = {}
+        self._slots: dict[Tensor, tuple[int, int]] | None = None
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    # -- groups ---------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group; projected groups get the projection defaults; validated before any step."""
+        if not isinstance(param_group, dict):
+            param_group = {"params": param_group}
+        group = dict(param_group)
+        if is_projected_group(group):
+            for key, value in self._projection_defaults.items():
+                group.setdefault(key, value)
+        else:
+            group.pop("rank", None)
+            group.pop("density", None)
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        # validate the group as it will be stored, before it joins the optimizer
+        validate_group({**self.defaults, **group}, allow_empty_subspace=self._allow_empty)
+        super().add_param_group(group)
+        self._slots = None
+
+    def _stagger_slot(self, p: Tensor) -> tuple[int, int]:
+        """(position, count) of ``p`` among all stagger-able projected parameters of this optimizer."""
+        if self._slots is None:
+            order = [
+                q for g in self.param_groups if is_projected_group(g) and g["projector"] in DENSE + COORDINATE
+                for q in g["params"]
+            ]
+            self._slots = {q: (i, len(order)) for i, q in enumerate(order)}
+        return self._slots.get(p, (0, 1))
+
+    def projector(self, p: Tensor, group: dict) -> Projector:
+        """The projector configuration of parameter ``p`` (cached; offsets persist in the state)."""
+        proj = self._projectors.get(p)
+        if proj is not None:
+            return proj
+        shape = (p.shape[0], p.shape[1])
+        side = choose_side(shape, group["proj_type"])
+        kind, rank = resolve_rank(group["projector"], shape, side, group.get("rank"), group.get("density"))
+        state = self.state[p]
+        if "proj_offset" in state:
+            offset = state["proj_offset"]
+        elif group["stagger"]:
+            pos, count = self._stagger_slot(p)
+            offset = (pos * group["update_proj_gap"]) // count
+        else:
+            offset = 0
+        seed = state["proj_seed"] if "proj_seed" in state else mix_seed(group["seed"], self._stagger_slot(p)[0])
+        proj = Projector(kind=kind, shape=shape, rank=rank, side=side, gap=group["update_proj_gap"], offset=offset,
+                         seed=seed, power_iters=group["power_iters"])
+        self._projectors[p] = proj
+        return proj
+
+    # -- layer-wise hooks use these ------------------------------------------------------------------
+    def accumulates_low_rank(self, p: Tensor, group: dict) -> bool:
+        """Whether the next step of ``p`` can take a summed projected gradient instead of the full one.
+
+        True for dense/coordinate projectors without a residual rule when no refresh is due; a
+        refresh or a residual needs the full gradient, so the caller keeps it then.
+        """
+        if not is_projected_group(group) or group["residual"] is not None:
+            return False
+        proj = self.projector(p, group)
+        if proj.kind not in DENSE + COORDINATE:
+            return False
+        state = self.state[p]
+        return not proj.refresh_due(state, state.get("step", 0))
+
+    @torch.no_grad()
+    def project_grad(self, p: Tensor, group: dict, grad: Tensor) -> Tensor:
+        """Low-rank coordinates of ``grad`` in the current subspace of ``p`` (fp32)."""
+        proj = self.projector(p, group)
+        state = self.state[p]
+        if proj.dense:
+            return F.project(grad.float(), proj.matrix(state, p.device), proj.side)
+        dim = proj.coordinate_dim
+        index = proj.index(state, p.device)
+        src = grad.reshape(-1) if dim is None else grad
+        return src.index_select(0 if dim is None else dim, index).float()
+
+    # -- stepping --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if is_projected_group(group):
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.step_param(p, group, p.grad)
+            else:
+                self._plain_foreach(group)
+        return loss
+
+    def _plain_foreach(self, group: dict) -> None:
+        """Plain AdamW for a whole group with foreach ops, batched by step count."""
+        by_step: dict[int, list[Tensor]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("SubspaceAdamW does not support sparse gradients")
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                state["moment_step"] = 0
+                _zeros_moments(state, tuple(p.shape), p.device, self.moments_8bit)
+            by_step.setdefault(state["moment_step"] + 1, []).append(p)
+        beta1, beta2 = group["betas"]
+        for step, params in by_step.items():
+            dense = [p for p in params if "exp_avg" in self.state[p]]
+            for p in params:
+                state = self.state[p]
+                state["step"] += 1
+                state["moment_step"] = step
+                if "exp_avg" not in state:
+                    self._full_adam(p, group, p.grad, state, scale=1.0)
+            F.adam_step_foreach(
+                dense, [p.grad for p in dense], [self.state[p]["exp_avg"] for p in dense],
+                [self.state[p]["exp_avg_sq"] for p in dense], step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"],
+            )
+
+    def _full_adam(self, p: Tensor, group: dict, grad: Tensor, state: dict, *, scale: float) -> None:
+        """Adam on the whole matrix (density 1, active blocks, 8-bit plain parameters)."""
+        beta1, beta2 = group["betas"]
+        m, v, write_back = _open_moments(state)
+        N = F.adam_direction_(grad, m, v, step=state["moment_step"], beta1=beta1, beta2=beta2, eps=group["eps"])
+        if write_back:
+            _close_moments(state, m, v)
+        F.decay_(p, lr=group["lr"], weight_decay=group["weight_decay"])
+        F.apply_update_(p, N, -group["lr"] * scale)
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None = None) -> None:
+        """Step one parameter of ``group`` with its full ``grad`` or, between refreshes, a projected one."""
+        state = self.state[p]
+        if not is_projected_group(group):
+            if "step" not in state:
+                state["step"] = 0
+                state["moment_step"] = 0
+                _zeros_moments(state, tuple(p.shape), p.device, self.moments_8bit)
+            state["step"] += 1
+            state["moment_step"] += 1
+            self._full_adam(p, group, grad, state, scale=1.0)
+            return
+        proj = self.projector(p, group)
+        t = state.get("step", 0)
+        lr, rule, rscale = group["lr"], group["residual"], group["residual_lr_scale"]
+        if proj.kind == "none":
+            state["step"] = t + 1
+            F.residual_only_step_torch(p, grad, lr=lr, weight_decay=group["weight_decay"], rule=rule,
+                                       residual_lr_scale=rscale)
+            return
+        if proj.kind in ("full", "blocks"):
+            active = proj.kind == "full" or self._block_active(p, group, t)
+            state["step"] = t + 1
+            if not active:
+                _drop_moments(state)  # BAdam: an inactive block holds no state
+                state["moment_step"] = 0
+                F.residual_only_step_torch(p, grad, lr=lr, weight_decay=group["weight_decay"], rule=rule,
+                                           residual_lr_scale=rscale)
+                return
+            if not _has_moments(state):
+                _zeros_moments(state, tuple(p.shape), p.device, self.moments_8bit)
+                state["moment_step"] = 0
+            state["moment_step"] += 1
+            self._full_adam(p, group, grad, state, scale=group["scale"])
+            return
+        if proj.refresh_due(state, t):
+            if grad is None:
+                raise RuntimeError("a projector refresh needs the full gradient, got only a projected one")
+            first = "proj_refresh" not in state
+            proj.refresh(grad, state)
+            state["proj_offset"] = proj.offset
+            if first or group["reset_statistics"]:
+                _drop_moments(state)
+        if not _has_moments(state):
+            _zeros_moments(state, proj.moment_shape(), p.device, self.moments_8bit)
+            state["moment_step"] = 0
+        state["step"] = t + 1
+        state["moment_step"] += 1
+        beta1, beta2 = group["betas"]
+        hyper = dict(step=state["moment_step"], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"], scale=group["scale"])
+        m, v, write_back = _open_moments(state)
+        if proj.dense:
+            P = proj.matrix(state, p.device)
+            if low_rank_grad is not None:
+                F.low_rank_adam_(p, low_rank_grad, P, m, v, side=proj.side, **hyper)
+            elif self._use_kernels(p, rule, write_back):
+                from . import kernels  # lazy: only when fused is on (Triton is heavy to import)
+
+                kernels.projected_adam_step(p, grad, P, m, v, side=proj.side, residual=rule,
+                                            residual_lr_scale=rscale, **hyper)
+            else:
+                F.projected_adam_step_torch(p, grad, P, m, v, side=proj.side, residual=rule,
+                                            residual_lr_scale=rscale, **hyper)
+        else:
+            F.coordinate_adam_step_torch(p, grad, proj.index(state, p.device), m, v, dim=proj.coordinate_dim,
+                                         residual=rule, residual_lr_scale=rscale, R=low_rank_grad, **hyper)
+        if write_back:
+            _close_moments(state, m, v)
+
+    def _use_kernels(self, p: Tensor, rule: str | None, eight_bit: bool) -> bool:
+        if self.fused is False or eight_bit or rule == "scaled":
+            return False
+        if self.fused is None:
+            return _kernels_available(p)
+        return True
+
+    def _block_active(self, p: Tensor, group: dict, step: int) -> bool:
+        """BAdam-style rotation: ``round(density * n)`` consecutive parameters of the group are active,
+        the window moves by that many parameters every ``update_proj_gap`` steps."""
+        params = group["params"]
+        n = len(params)
+        n_active = max(1, round(group["density"] * n))
+        index = next(i for i, q in enumerate(params) if q is p)
+        cycle = step // group["update_proj_gap"]
+        return (index - cycle * n_active) % n < n_active
+
+    # -- state dicts -----------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict keeping every state tensor's dtype (fp32 moments of bf16 weights stay fp32).
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter dtype,
+        which would round fp32 moments and projectors of low-precision weights.
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid in saved_state:
+                self.state[p] = {
+                    k: (v.to(device=p.device, copy=True) if isinstance(v, Tensor) else v)
+                    for k, v in saved_state[pid].items()
+                }
+        self._projectors.clear()
+        self._slots = None

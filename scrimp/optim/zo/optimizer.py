@@ -1,0 +1,392 @@
+"""Zeroth-order optimizers with a closure API: ``opt.step(closure)``, the closure runs a forward only.
+
+Follows MeZO (Malladi et al., "Fine-Tuning Language Models with Just Forward Passes", NeurIPS 2023,
+princeton-nlp/MeZO): two-point SPSA with a seeded Gaussian perturbation that is regenerated, never
+stored. Generalizes it with bit-exact restore (``perturbation="hook"``), several queries per step,
+gradient accumulation as (seed, scalar) pairs, a per-example query allocator, seed-replayed
+momentum, checkpoints that are (seed, projected gradient) logs, and a deferred per-parameter update
+that ZO2-style streaming (``scrimp.optim.offload.stream``) applies block by block.
+
+    from scrimp.optim.zeroth_order import ZOSGD
+    opt = ZOSGD(model.parameters(), lr=1e-6, eps=1e-3)
+    loss = opt.step(lambda: model(input_ids, labels=input_ids).loss)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+
+from scrimp.optim.zo.perturbation import hook_perturbation, inplace_perturb_, mix_seed
+from scrimp.optim.zo.rules import AdamRule, Plan, SGDRule
+from scrimp.optim.zo.rules import momentum_window as window_for_momentum
+
+PERTURBATIONS = ("hook", "inplace")
+
+
+def projected_gradient(loss_plus: float, loss_minus: float, eps: float) -> float:
+    """Two-point SPSA estimate of the directional derivative ``z . grad``: ``(f+ - f-) / (2 eps)``."""
+    return (loss_plus - loss_minus) / (2.0 * eps)
+
+
+def _as_loss(value, what: str) -> torch.Tensor:
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), dtype=torch.float64)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"the closure must return the loss as a tensor or a number, got {type(value).__name__}")
+    return value.detach()
+
+
+class ZerothOrderOptimizer(torch.optim.Optimizer):
+    """Shared engine: queries, accumulation, skips, logs, plans. Configured by an update rule.
+
+    Use ``ZOSGD`` or ``ZOAdam``. State kept: a few counters, the (seed, projected gradient) records
+    of the momentum window and of the steps since the last full checkpoint (``mark_full_save``).
+    """
+
+    needs_manual_optimization = True
+    is_zeroth_order = True
+
+    def __init__(
+        self,
+        params,
+        rule,
+        *,
+        lr: float,
+        eps: float,
+        weight_decay: float = 0.0,
+        n_queries: int = 1,
+        seed: int = 0,
+        perturbation: str = "hook",
+        query_allocator: Callable | None = None,
+    ):
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"eps (the perturbation scale) must be a finite number > 0, got {eps!r}")
+        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
+            raise ValueError(f"n_queries must be an integer >= 1, got {n_queries!r}")
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
+        if query_allocator is not None and not callable(query_allocator):
+            raise TypeError("query_allocator must be callable (e.g. scrimp.optim.zo.VarianceQueryAllocator)")
+        if query_allocator is not None and n_queries != 1:
+            raise ValueError("query_allocator sets the number of queries itself; leave n_queries at 1")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.rule = rule
+        self.eps = float(eps)
+        self.n_queries = n_queries
+        self.seed = int(seed)
+        self.perturbation = perturbation
+        self.query_allocator = query_allocator
+        self.draws = 0  # step attempts so far; keys the seeds, so a skipped step never reuses them
+        self.steps = 0  # committed steps
+        self.skipped = 0  # micro-batches whose loss was non-scalar or non-finite
+        self.window: list[dict] = []
+        self.log: list[dict] = []
+        self._micro: list[list[float]] = []  # accumulated projected gradients, one list per micro-batch
+        self._unperturbed_warned = False
+
+    # ---- parameters -------------------------------------------------------------------------------
+    def indexed_params(self) -> list[tuple[int, int, torch.Tensor]]:
+        """(global index, group index, parameter) in a fixed order: the index keys each ``z``."""
+        out, index = [], 0
+        for group_index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                out.append((index, group_index, param))
+                index += 1
+        return out
+
+    def index_of(self) -> dict[int, int]:
+        return {id(p): i for i, _, p in self.indexed_params()}
+
+    # ---- seeds and evaluation ---------------------------------------------------------------------
+    def query_seeds(self, n: int | None = None) -> list[int]:
+        """The seeds of the current step attempt (the same for every micro-batch of the step)."""
+        return [mix_seed(self.seed, self.draws, j) for j in range(n or self.n_queries)]
+
+    def _finite_loss(self, value, reduce_examples: bool) -> torch.Tensor | None:
+        loss = _as_loss(value, "loss")
+        if not reduce_examples and loss.numel() != 1:
+            self._skip(f"the closure returned a loss with shape {tuple(loss.shape)}, not a scalar")
+            return None
+        if not bool(torch.isfinite(loss).all()):
+            self._skip(f"the closure returned a non-finite loss ({loss.flatten()[:4].tolist()})")
+            return None
+        return loss.to(torch.float64)
+
+    def _skip(self, why: str) -> None:
+        self.skipped += 1
+        warnings.warn(f"{why}; skipping this update (skipped so far: {self.skipped})", RuntimeWarning)
+
+    def _evaluate_at(self, closure, seed: int, scale: float, index_of):
+        with torch.no_grad():
+            if self.perturbation == "inplace":
+                return closure()
+            with hook_perturbation(index_of, seed, scale) as materialized:
+                value = closure()
+            if not self._unperturbed_warned and len(materialized) < len(index_of):
+                self._unperturbed_warned = True
+                warnings.warn(
+                    f"{len(index_of) - len(materialized)} optimized parameters were not read inside their "
+                    "own module's forward, so perturbation='hook' did not perturb them: they are unused, "
+                    "or used outside their module (then use perturbation='inplace')",
+                    RuntimeWarning,
+                )
+            return value
+
+    def _two_point(self, closure, seed: int, index_of, per_example: bool = False, indices=None):
+        """(f+, f-) at theta +- eps z(seed); None if either is invalid (skip counted)."""
+        call = (lambda: closure(indices)) if per_example else closure
+        params = [p for _, _, p in self.indexed_params()]
+        order = [i for i, _, _ in self.indexed_params()]
+        if self.perturbation == "inplace":
+            inplace_perturb_(params, order, seed, self.eps)
+        plus = self._evaluate_at(call, seed, self.eps, index_of)
+        if self.perturbation == "inplace":
+            inplace_perturb_(params, order, seed, -2.0 * self.eps)
+        minus = self._evaluate_at(call, seed, -self.eps, index_of)
+        if self.perturbation == "inplace":
+            inplace_perturb_(params, order, seed, self.eps)
+        plus = self._finite_loss(plus, per_example)
+        minus = self._finite_loss(minus, per_example) if plus is not None else None
+        if plus is None or minus is None:
+            return None
+        return plus, minus
+
+    # ---- public API ---------------------------------------------------------------------------------
+    def accumulate(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """Evaluate one micro-batch with this step's seeds and store its projected gradients.
+
+        The update is applied by the next ``step()``: the average over micro-batches of the stored
+        scalars, with the same seeds, equals one step on the concatenated batch (mean losses).
+        Returns the mean of the +eps and -eps losses, or None when the micro-batch was skipped.
+        """
+        if closure is None or not callable(closure):
+            raise TypeError("accumulate(closure) needs a callable closure that returns the loss")
+        if self.query_allocator is not None:
+            raise ValueError("gradient accumulation is not combined with query_allocator; use one or the other")
+        index_of = self.index_of()
+        grads, losses = [], []
+        for seed in self.query_seeds():
+            pair = self._two_point(closure, seed, index_of)
+            if pair is None:
+                return None
+            plus, minus = pair
+            # each query contributes its projected gradient / q (plain query averaging)
+            grads.append(projected_gradient(float(plus), float(minus), self.eps) / self.n_queries)
+            losses.append((plus + minus) / 2)
+        self._micro.append(grads)
+        return torch.stack(losses).mean().to(torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> torch.Tensor | None:
+        """One ZO step. ``closure()`` runs a forward and returns the scalar loss; it never calls backward.
+
+        With ``query_allocator`` set, the closure takes ``indices`` (None for the whole batch, else a
+        LongTensor of example positions) and returns per-example losses. Without a closure, applies
+        what ``accumulate`` stored. Returns the mean loss of the evaluated points (or None if skipped).
+        """
+        if closure is None and not self._micro:
+            raise ValueError(
+                "step() needs a closure that runs a forward pass and returns the loss "
+                "(zeroth-order optimizers estimate the gradient from forward passes only)"
+            )
+        loss = None
+        if closure is not None:
+            if not callable(closure):
+                raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+            if self.query_allocator is not None:
+                seeds, grads, loss = self._allocated_queries(closure)
+                self._micro = [] if grads is None else [grads]
+                if grads is not None:
+                    return self._finish(seeds, loss)
+                self.draws += 1
+                return None
+            loss = self.accumulate(closure)
+        return self._finish(self.query_seeds(), loss)
+
+    def _finish(self, seeds: list[int], loss, apply: bool = True):
+        """Average the stored micro-batch scalars, book the step; returns (loss, plan or None)."""
+        micro, self._micro = self._micro, []
+        self.draws += 1
+        if not micro:
+            return loss if apply else None
+        n = len(micro)
+        # average over micro-batches: one weight per seed
+        grads = [sum(m[j] for m in micro) / n for j in range(len(seeds))]
+        plan = self.commit(self.make_record(seeds, grads), apply=apply)
+        return loss if apply else plan
+
+    def make_record(self, seeds: list[int], grads: list[float]) -> dict:
+        """A (seed, projected gradient) record of one step, loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "seeds": torch.tensor(seeds, dtype=torch.int64),
+            "grads": torch.tensor(grads, dtype=torch.float64),
+            "lrs": torch.tensor([float(g["lr"]) for g in self.param_groups], dtype=torch.float64),
+            "weight_decays": torch.tensor([float(g["weight_decay"]) for g in self.param_groups], dtype=torch.float64),
+            "draws": self.draws,
+        }
+
+    def commit(self, record: dict, apply: bool = True) -> Plan:
+        """Book a step (counters, momentum window, log) and return its plan; apply it to all params if asked."""
+        self.steps += 1
+        self.window = (self.window + [record])[-self.rule.window :]
+        self.log.append(record)
+        plan = Plan(
+            terms=self.rule.plan_terms(self.window),
+            lrs=tuple(record["lrs"].tolist()),
+            weight_decays=tuple(record["weight_decays"].tolist()),
+            step=self.steps,
+        )
+        if apply:
+            for index, group, param in self.indexed_params():
+                self.apply_plan(plan, param, index, group)
+        return plan
+
+    def apply_plan(self, plan: Plan, param: torch.Tensor, index: int, group: int) -> None:
+        """Apply one committed step to one parameter (the streamed path calls this block by block)."""
+        with torch.no_grad():
+            self.rule.apply_(param, index, plan, group, self.state[param])
+
+    def replay(self, records: Iterable[dict]) -> None:
+        """Re-apply logged steps in order: bitwise the same parameters as the original run on CPU."""
+        for record in records:
+            self.commit(record, apply=True)
+            self.draws = int(record["draws"])
+
+    def mark_full_save(self) -> None:
+        """Forget the log: a full checkpoint of the parameters was just written."""
+        self.log = []
+
+    # ---- query allocation -------------------------------------------------------------------------
+    def _allocated_queries(self, closure):
+        """Pilot query on every example, then the allocator's extra queries, one shared seed per round.
+
+        Estimator: ``(1/n) sum_i (1/k_i) sum_{r < k_i} c_ir z_r``; round r evaluates the examples
+        with ``k_i > r`` under seed r, so each round is one (seed, weight) term.
+        """
+        index_of = self.index_of()
+        pilot_seed = mix_seed(self.seed, self.draws, 0)
+        pair = self._two_point(closure, pilot_seed, index_of, per_example=True, indices=None)
+        if pair is None:
+            return None, None, None
+        plus, minus = pair
+        pilot = ((plus - minus) / (2.0 * self.eps)).flatten()
+        n = pilot.numel()
+        counts = torch.as_tensor(self.query_allocator(pilot.square().numpy()), dtype=torch.int64).flatten()
+        if counts.numel() != n or int(counts.min()) < 1:
+            raise ValueError(
+                f"query_allocator must return {n} counts >= 1 (one per example), got {counts.tolist()}"
+            )
+        per_round = [(pilot_seed, pilot)]
+        losses = [((plus + minus) / 2).mean()]
+        for r in range(1, int(counts.max())):
+            indices = torch.nonzero(counts > r).flatten()
+            seed = mix_seed(self.seed, self.draws, r)
+            pair = self._two_point(closure, seed, index_of, per_example=True, indices=indices)
+            if pair is None:
+                return None, None, None
+            c = torch.zeros(n, dtype=torch.float64)
+            c[indices] = ((pair[0] - pair[1]) / (2.0 * self.eps)).flatten()
+            per_round.append((seed, c))
+            losses.append(((pair[0] + pair[1]) / 2).mean())
+        weights = 1.0 / counts.to(torch.float64)
+        seeds = [seed for seed, _ in per_round]
+        grads = [float((c * weights).sum() / n) for _, c in per_round]
+        return seeds, grads, torch.stack(losses).mean().to(torch.float32)
+
+    # ---- checkpoint state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Torch optimizer state plus ``zo``: counters, momentum window and the log since the last full save."""
+        state = super().state_dict()
+        state["zo"] = {
+            "draws": self.draws,
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "window": list(self.window),
+            "log": list(self.log),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        if zo is None:
+            raise ValueError("state_dict has no 'zo' entry: it was not written by a zeroth-order optimizer")
+        super().load_state_dict(state_dict)
+        self.draws, self.steps, self.skipped = int(zo["draws"]), int(zo["steps"]), int(zo["skipped"])
+        self.window, self.log = list(zo["window"]), list(zo["log"])
+
+
+class ZOSGD(ZerothOrderOptimizer):
+    """MeZO's ZO-SGD; ``sign=True`` gives ZO-signSGD; ``momentum`` is replayed from seeds (no buffer).
+
+    Memory: no state tensors. A step holds a forward pass plus one perturbed copy of the parameters
+    of the module running, and during the update at most two tensors the size of one parameter.
+    Momentum regenerates ``z`` for the last K = ceil(log(momentum_tol)/log(momentum)) steps (or
+    ``momentum_window``) for every parameter at every step: K times the generation cost, no memory.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        momentum: float = 0.0,
+        sign: bool = False,
+        n_queries: int = 1,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        perturbation: str = "hook",
+        query_allocator: Callable | None = None,
+        momentum_window: int | None = None,
+        momentum_tol: float = 1e-3,
+    ):
+        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        if not 0.0 < momentum_tol < 1.0:
+            raise ValueError(f"momentum_tol must be in (0, 1), got {momentum_tol!r}")
+        if momentum_window is not None and (not isinstance(momentum_window, int) or momentum_window < 1):
+            raise ValueError(f"momentum_window must be an integer >= 1 or None, got {momentum_window!r}")
+        window = momentum_window or window_for_momentum(momentum, momentum_tol)
+        if momentum == 0.0:
+            window = 1
+        rule = SGDRule(momentum=float(momentum), sign=bool(sign), window=window)
+        super().__init__(
+            params, rule, lr=lr, eps=eps, weight_decay=weight_decay, n_queries=n_queries, seed=seed,
+            perturbation=perturbation, query_allocator=query_allocator,
+        )
+
+
+class ZOAdam(ZerothOrderOptimizer):
+    """Adam on the ZO gradient estimate. Keeps two full-size moments per parameter, so it loses the
+    inference-memory advantage of ZO-SGD (its state is twice the model, like first-order Adam)."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        eps: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        n_queries: int = 1,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        perturbation: str = "hook",
+        query_allocator: Callable | None = None,
+    ):
+        betas = tuple(betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not adam_eps > 0:
+            raise ValueError(f"adam_eps must be > 0, got {adam_eps!r}")
+        super().__init__(
+            params, AdamRule(betas=betas, adam_eps=adam_eps), lr=lr, eps=eps, weight_decay=weight_decay,
+            n_queries=n_queries, seed=seed, perturbation=perturbation, query_allocator=query_allocator,
+        )

@@ -1,0 +1,213 @@
+"""Lightning callbacks and plugins of the training stack: throughput, memory by category, pruning,
+cross-rank state checks and atomic checkpoints.
+
+Memory categories follow the GaLore paper's accounting (Zhao et al., 2024, Fig. 1 / Table 1):
+weights, gradients, optimizer state; the optimizer state is measured exactly from the tensors
+held in ``optimizer.state`` by ``scrimp.optim.memory.state_bytes``. The peak is
+``torch.cuda.max_memory_allocated`` on a GPU; on the CPU it is the process peak RSS plus the
+bytes of live tensors (``scrimp.profiling.live_tensor_bytes``).
+
+    trainer = lightning.Trainer(callbacks=[ThroughputMemoryCallback()], plugins=[AtomicCheckpointIO()])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the given tensors (``numel * element_size``), skipping ``None``."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def optimizer_state_bytes(optimizer) -> dict[str, int]:
+    """Exact optimizer-state bytes by category via ``scrimp.optim.memory.state_bytes``."""
+    from scrimp.optim.memory import state_bytes
+
+    return {k: int(v) for k, v in state_bytes(optimizer).items()}
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (``getrusage``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class ThroughputMemoryCallback(L.Callback):
+    """Training tokens/s (all ranks, validation time excluded) and memory by category.
+
+    ``skip_first`` steps are left out of the throughput (one-time warm-up: allocator, lazy state).
+    Results are logged (``train/tokens_per_s``) and kept in ``self.summary()``.
+    """
+
+    def __init__(self, skip_first: int = 1):
+        self.skip_first = skip_first
+        self.tokens = 0
+        self.seconds = 0.0
+        self.batches = 0
+        self._t0 = None
+        self.grad_bytes = 0
+        self.memory: dict[str, int] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # Gradients are all present here (before zero_grad); layer-wise updates free them earlier.
+        self.grad_bytes = max(self.grad_bytes, tensor_bytes(p.grad for p in pl_module.parameters()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        elapsed = time.perf_counter() - self._t0
+        self.batches += 1
+        if self.batches > self.skip_first:
+            self.tokens += batch["input_ids"].numel() * trainer.world_size
+            self.seconds += elapsed
+            pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, on_epoch=False)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def measure_memory(self, pl_module, optimizer) -> dict[str, int]:
+        """Memory by category now; the peak is since process start (CPU) or the last reset (GPU)."""
+        params = list(pl_module.parameters())
+        grads_now = tensor_bytes(p.grad for p in params)
+        memory = {
+            "params": tensor_bytes(params),
+            "grads": max(self.grad_bytes, grads_now),
+        }
+        state = optimizer_state_bytes(optimizer)
+        memory["optimizer_state"] = state["total"]
+        memory.update({f"optimizer_state_{k}": v for k, v in state.items() if k != "total"})
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            memory["peak_cuda_allocated"] = int(torch.cuda.max_memory_allocated(pl_module.device))
+        else:
+            from scrimp.profiling import live_tensor_bytes
+
+            memory["peak_rss"] = peak_rss_bytes()
+            memory["live_tensors"] = live_tensor_bytes("cpu")
+        self.memory = memory
+        return memory
+
+    def on_train_end(self, trainer, pl_module):
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if optimizer is not None:
+            self.measure_memory(pl_module, optimizer)
+
+    def summary(self) -> dict:
+        return {"tokens_per_s": self.tokens_per_s, "timed_tokens": self.tokens, "timed_seconds": self.seconds,
+                "memory_bytes": dict(self.memory)}
+
+
+def state_digest(optimizer) -> str:
+    """SHA-256 of every tensor in the optimizer state, in a fixed order (equal state <=> equal digest)."""
+    h = hashlib.sha256()
+    state = optimizer.state_dict().get("state", {})
+    for key in sorted(state, key=str):
+        for name in sorted(state[key], key=str):
+            value = state[key][name]
+            h.update(f"{key}/{name}".encode())
+            if isinstance(value, torch.Tensor):
+                h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+class RankConsistencyCallback(L.Callback):
+    """Under DDP, checks at the end of training that every rank holds the same optimizer state.
+
+    GaLore/FRUGAL projectors come from the SVD of the all-reduced gradient; they are the same on
+    every rank only if computed deterministically. Any difference raises, naming the ranks.
+    """
+
+    def __init__(self):
+        self.identical: bool | None = None
+        self.digest: str | None = None
+
+    def on_train_end(self, trainer, pl_module):
+        if not trainer.optimizers:
+            return
+        self.digest = state_digest(trainer.optimizers[0])
+        if trainer.world_size == 1:
+            self.identical = True
+            return
+        local = torch.tensor(list(bytes.fromhex(self.digest)), dtype=torch.int64, device=pl_module.device)
+        gathered = trainer.strategy.all_gather(local)
+        gathered = gathered.reshape(trainer.world_size, -1)
+        self.identical = bool((gathered == gathered[0]).all())
+        if not self.identical:
+            raise RuntimeError(
+                "optimizer state differs across DDP ranks (projectors not computed deterministically); "
+                "set trainer.deterministic=true"
+            )
+
+
+class OptunaPruningCallback(L.Callback):
+    """Reports the validation loss to an Optuna trial through its storage, and prunes.
+
+    The trial is identified by (storage URL, study name, trial number), so the job and the
+    sweeper may be different processes or machines. The pruner is rebuilt from the ``_target_``
+    config the sweeper stored in the study's user attribute ``hydra_pruner`` (Optuna keeps no
+    pruner in its storage); without one, Optuna's default (median) pruner decides.
+    Multi-objective studies cannot prune (Optuna limitation): they only record.
+    """
+
+    def __init__(self, storage: str, study_name: str, trial_number: int, monitor: str = "val/loss"):
+        import optuna
+        from hydra.utils import instantiate
+
+        self.monitor = monitor
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        pruner_cfg = study.user_attrs.get("hydra_pruner")
+        pruner = instantiate(pruner_cfg) if pruner_cfg else None
+        self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
+        trials = self.study.get_trials(deepcopy=False)
+        matching = [t for t in trials if t.number == trial_number]
+        if not matching:
+            raise ValueError(f"optuna trial number {trial_number} is not in study {study_name!r}")
+        self.trial = optuna.trial.Trial(self.study, matching[0]._trial_id)
+        self.pruned = False
+
+    def on_validation_end(self, trainer, pl_module):
+        import optuna
+
+        if trainer.sanity_checking or len(self.study.directions) > 1:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        step = trainer.global_step
+        if trainer.is_global_zero:
+            self.trial.report(float(value), step=step)
+        if self.trial.should_prune():
+            self.pruned = True
+            raise optuna.TrialPruned(f"pruned at step {step} with {self.monitor}={float(value):.4f}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file in the same folder, then renamed over the target.
+
+    A run killed mid-write leaves the previous checkpoint intact and loadable (``os.replace`` is
+    atomic on POSIX and Windows within one filesystem).
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()

@@ -1,0 +1,465 @@
+"""Text data for causal-LM pre-training: load, tokenize, pack, shuffle, split.
+
+Follows the GaLore paper's pre-training pipeline (Zhao et al., 2024: C4, T5 tokenizer, 256-token
+blocks) and nanoGPT's packed-block layout, with an offline default so that everything runs without
+a network: the Python standard library's own source files (``*.py`` under
+``sysconfig.get_paths()['stdlib']``) tokenized by a byte-level BPE trained with ``tokenizers`` on the
+training split and cached on disk.
+
+    from scrimp.training.data import TextDataModule
+    dm = TextDataModule(source="stdlib", block_size=128, batch_size=8)
+    dm.setup("fit"); batch = next(iter(dm.train_dataloader()))   # {"input_ids": (8, 128) int64}
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+EOS_TOKEN = "<|endoftext|>"
+_CACHE_VERSION = "1"
+_TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
+_JSON_SUFFIXES = {".json", ".jsonl"}
+_PARQUET_SUFFIXES = {".parquet"}
+_SOURCES = ("stdlib", "files", "hub")
+
+
+def default_cache_dir() -> Path:
+    """Where tokenizers and token arrays are cached: ``$SCRIMP_CACHE`` or ``~/.cache/scrimp``."""
+    return Path(os.environ.get("SCRIMP_CACHE", Path.home() / ".cache" / "scrimp"))
+
+
+def stdlib_corpus_files() -> list[Path]:
+    """The ``*.py`` files of the running interpreter's standard library, sorted.
+
+    Third-party code that some installs put below the stdlib folder (``site-packages``,
+    ``dist-packages``) is left out, so the corpus is the standard library alone.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    excluded = {"site-packages", "dist-packages", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not excluded & set(p.relative_to(root).parts))
+
+
+def _stable_unit(key: str) -> float:
+    """A number in [0, 1) from a key, the same on every machine and run (the held-out split's hash)."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / float(16**12)
+
+
+def split_by_key(keys: Sequence[str], val_fraction: float) -> tuple[list[int], list[int]]:
+    """Deterministic train/validation split of documents by the hash of their keys (file paths).
+
+    A document goes to validation when its hash falls below ``val_fraction``; the split of a
+    document does not depend on which other documents exist, so adding files never moves one.
+    At least one document is held out (the lowest hash) and at least one kept for training.
+    """
+    units = [_stable_unit(k) for k in keys]
+    val = [i for i, u in enumerate(units) if u < val_fraction]
+    if not val and len(keys) > 1 and val_fraction > 0:
+        val = [int(np.argmin(units))]
+    if len(val) == len(keys) and len(keys) > 1:
+        val = val[:-1]
+    val_set = set(val)
+    train = [i for i in range(len(keys)) if i not in val_set]
+    return train, sorted(val)
+
+
+def pack_blocks(docs: Sequence[Sequence[int]], block_size: int, eos_id: int) -> np.ndarray:
+    """Concatenate token lists, each followed by EOS, and cut into full ``block_size`` rows.
+
+    The tail that does not fill a block is dropped (as in GPT-2/nanoGPT packing).
+    """
+    lengths = [len(d) + 1 for d in docs]
+    total = sum(lengths)
+    dtype = np.int32
+    flat = np.empty(total, dtype=dtype)
+    pos = 0
+    for d in docs:
+        flat[pos : pos + len(d)] = d
+        flat[pos + len(d)] = eos_id
+        pos += len(d) + 1
+    n_blocks = total // block_size
+    return flat[: n_blocks * block_size].reshape(n_blocks, block_size)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffle order of ``n`` training blocks in one epoch: a function of (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Block indices at stream positions ``start .. start+count``; the stream is epoch after epoch."""
+    out = np.empty(count, dtype=np.int64)
+    pos, filled = start, 0
+    while filled < count:
+        epoch, offset = divmod(pos, n)
+        take = min(n - offset, count - filled)
+        out[filled : filled + take] = epoch_permutation(n, seed, epoch)[offset : offset + take]
+        filled += take
+        pos += take
+    return out
+
+
+class BlockStreamLoader:
+    """Training batches from a deterministic, resumable stream of shuffled blocks.
+
+    Global batch ``b`` holds stream positions ``[b*B*W, (b+1)*B*W)`` (B = per-rank batch size,
+    W = world size); rank ``r`` takes its ``B`` rows from that range. So a 2-process run sees
+    the same global batches as a single process with batch ``2B``, and a run resumed at batch
+    ``start_batch`` sees exactly what the uninterrupted run saw from there on.
+    """
+
+    def __init__(self, blocks: np.ndarray, batch_size: int, num_batches: int, *, seed: int = 0,
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1):
+        self.blocks = blocks
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        self.seed = seed
+        self.start_batch = start_batch
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        return max(self.num_batches - self.start_batch, 0)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        n = len(self.blocks)
+        global_batch = self.batch_size * self.world_size
+        for b in range(self.start_batch, self.num_batches):
+            idx = stream_indices(n, self.seed, b * global_batch + self.rank * self.batch_size, self.batch_size)
+            yield {"input_ids": torch.from_numpy(self.blocks[idx].astype(np.int64))}
+
+    # Lightning checks for this interface to call a loader resumable; the position itself comes
+    # from the module's batch counter (exact, unlike the loader's own count, which is one batch
+    # ahead because Lightning prefetches).
+    def state_dict(self) -> dict:
+        return {"start_batch": self.start_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class TextTokenizer:
+    """The few things the pipeline needs from a tokenizer, whichever library provides it.
+
+    ``backend`` is a ``tokenizers.Tokenizer`` or a transformers tokenizer; both pickle, so the
+    data module can travel to spawned worker processes.
+    """
+
+    def __init__(self, backend, eos_id: int, vocab_size: int, fingerprint: str, name: str):
+        self.backend, self.eos_id, self.vocab_size = backend, eos_id, vocab_size
+        self.fingerprint, self.name = fingerprint, name
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if hasattr(self.backend, "encode_batch"):  # tokenizers.Tokenizer
+            return [e.ids for e in self.backend.encode_batch(list(texts))]
+        return self.backend(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids))
+
+
+def train_byte_level_bpe(texts: Sequence[str], vocab_size: int, path: Path) -> None:
+    """Train a byte-level BPE (GPT-2 style, ``tokenizers``) on ``texts`` and save it atomically."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+
+
+def load_bpe(path: Path) -> TextTokenizer:
+    """A ``TextTokenizer`` from a saved ``tokenizers`` JSON file."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return TextTokenizer(tok, eos_id=tok.token_to_id(EOS_TOKEN), vocab_size=tok.get_vocab_size(),
+                         fingerprint=hashlib.sha256(path.read_bytes()).hexdigest()[:16], name=str(path))
+
+
+def load_transformers_tokenizer(name: str) -> TextTokenizer:
+    """A ``TextTokenizer`` around ``transformers.AutoTokenizer.from_pretrained(name)``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {name!r} has no eos or sep token to separate packed documents")
+    return TextTokenizer(tok, eos_id=int(eos), vocab_size=len(tok),
+                         fingerprint=hashlib.sha256(f"hf:{name}".encode()).hexdigest()[:16], name=name)
+
+
+def resolve_data_files(path: str | Sequence[str]) -> list[Path]:
+    """Files named by a path, a directory (searched recursively) or a glob; sorted, deduplicated.
+
+    Raises one sentence when a path does not exist or a pattern/directory matches no data file.
+    """
+    patterns = [path] if isinstance(path, str | os.PathLike) else list(path)
+    if not patterns:
+        raise ValueError("data.path is empty; give a file, a directory or a glob of text/json/jsonl/parquet files")
+    known = _TEXT_SUFFIXES | _JSON_SUFFIXES | _PARQUET_SUFFIXES
+    found: set[Path] = set()
+    for pattern in patterns:
+        pattern = os.path.expanduser(str(pattern))
+        if any(ch in pattern for ch in "*?["):
+            matches = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+        elif Path(pattern).is_dir():
+            matches = [p for p in Path(pattern).rglob("*") if p.is_file() and p.suffix in known]
+        elif Path(pattern).is_file():
+            matches = [Path(pattern)]
+        else:
+            raise ValueError(f"data.path {pattern!r} does not exist")
+        if not matches:
+            raise ValueError(
+                f"data.path {pattern!r} matches no data files (looked for {', '.join(sorted(known))})"
+            )
+        found.update(p.resolve() for p in matches)
+    return sorted(found)
+
+
+def _builder_for(files: Sequence[Path]) -> str:
+    kinds = set()
+    for f in files:
+        if f.suffix in _JSON_SUFFIXES:
+            kinds.add("json")
+        elif f.suffix in _PARQUET_SUFFIXES:
+            kinds.add("parquet")
+        else:
+            kinds.add("text")
+    if len(kinds) > 1:
+        raise ValueError(f"data.path mixes file kinds {sorted(kinds)}; give files of one kind (text, json or parquet)")
+    return kinds.pop()
+
+
+@dataclass
+class Documents:
+    """Raw documents with stable keys (file path or row index) used for the held-out split."""
+
+    texts: list[str]
+    keys: list[str]
+    identity: str  # what the corpus is, for cache keys
+
+
+def _file_identity(files: Sequence[Path], root: Path | None = None) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        name = str(f.relative_to(root)) if root else str(f)
+        h.update(f"{name}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _subset(keys: Sequence[str], max_documents: int | None) -> list[int]:
+    """The first ``max_documents`` documents in hash order: a fixed, spread-out slice of the corpus."""
+    order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"subset:{keys[i]}".encode()).hexdigest())
+    return sorted(order[:max_documents]) if max_documents else list(range(len(keys)))
+
+
+def load_documents(source: str, path=None, hub_name: str | None = None, hub_config: str | None = None,
+                   text_field: str = "text", max_documents: int | None = None,
+                   streaming: bool = True) -> Documents:
+    """Documents of the corpus through ``datasets`` (stdlib files, local files, or a hub dataset)."""
+    import datasets
+
+    if source == "stdlib":
+        files = stdlib_corpus_files()
+        root = Path(sysconfig.get_paths()["stdlib"])
+        keys = [str(f.relative_to(root)) for f in files]
+        keep = _subset(keys, max_documents)
+        files, keys = [files[i] for i in keep], [keys[i] for i in keep]
+        ds = datasets.Dataset.from_dict(
+            {"text": [f.read_text(encoding="utf-8", errors="replace") for f in files], "key": keys}
+        )
+        return Documents(list(ds["text"]), list(ds["key"]), f"stdlib:{_file_identity(files, root)}")
+    if source == "files":
+        if path is None:
+            raise ValueError("data.path is required when data.source='files'")
+        files = resolve_data_files(path)
+        builder = _builder_for(files)
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+        if text_field not in ds.column_names:
+            raise ValueError(f"data.text_field {text_field!r} is not a column of {path!r}; columns: {ds.column_names}")
+        texts = list(ds[text_field])
+        if builder == "text" and len(texts) == len(files):
+            keys = [str(f) for f in files]  # one document per file: split by file
+        else:
+            keys = [str(i) for i in range(len(texts))]
+        keep = _subset(keys, max_documents)
+        return Documents([texts[i] for i in keep], [keys[i] for i in keep], f"files:{_file_identity(files)}:{max_documents}")
+    if source == "hub":
+        if not hub_name:
+            raise ValueError("data.hub_name is required when data.source='hub'")
+        if not max_documents:
+            raise ValueError("data.max_documents is required for a hub dataset (a streamed corpus has no end)")
+        ds = datasets.load_dataset(hub_name, hub_config, split="train", streaming=streaming)
+        texts = []
+        for row in ds:
+            texts.append(row[text_field])
+            if len(texts) >= max_documents:
+                break
+        keys = [str(i) for i in range(len(texts))]
+        return Documents(texts, keys, f"hub:{hub_name}:{hub_config}:{max_documents}")
+    raise ValueError(f"data.source {source!r} is not one of {list(_SOURCES)}")
+
+
+class TextDataModule(L.LightningDataModule):
+    """Packed causal-LM blocks from a text corpus, with a fixed held-out validation split.
+
+    Args:
+        source: ``"stdlib"`` (default corpus, no download), ``"files"`` (``path``: text, json,
+            jsonl or parquet files, a directory, or a glob) or ``"hub"`` (``hub_name``, streamed).
+        tokenizer: ``None`` trains a byte-level BPE of ``vocab_size`` on the training split and
+            caches it under ``cache_dir``; otherwise a transformers tokenizer name or path.
+        block_size, batch_size: rows of ``block_size`` tokens, ``batch_size`` rows per rank.
+        val_fraction: share of documents held out (by hash of the file path / row index).
+        val_blocks: at most this many validation blocks are evaluated (the first ones, fixed).
+        max_documents: use a fixed hash-chosen slice of the corpus (tests, quick runs).
+        seed: the shuffle seed of the training stream (the split itself does not depend on it).
+    """
+
+    def __init__(self, source: str = "stdlib", path=None, hub_name: str | None = None,
+                 hub_config: str | None = None, text_field: str = "text", tokenizer: str | None = None,
+                 vocab_size: int = 4096, block_size: int = 128, batch_size: int = 8,
+                 val_fraction: float = 0.05, val_blocks: int | None = 64, max_documents: int | None = None,
+                 seed: int = 0, cache_dir: str | None = None, num_workers: int = 0, streaming: bool = True):
+        super().__init__()
+        if source not in _SOURCES:
+            raise ValueError(f"data.source {source!r} is not one of {list(_SOURCES)}")
+        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("vocab_size", vocab_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
+        if source == "files":
+            resolve_data_files(path)  # a missing path is reported before anything is loaded
+        self.source, self.path, self.hub_name, self.hub_config = source, path, hub_name, hub_config
+        self.text_field, self.tokenizer_name, self.vocab_size = text_field, tokenizer, vocab_size
+        self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
+        self.val_blocks, self.max_documents, self.seed = val_blocks, max_documents, seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.num_workers, self.streaming = num_workers, streaming
+        self.tokenizer: TextTokenizer | None = None
+        self.train_blocks: np.ndarray | None = None
+        self.val_blocks_array: np.ndarray | None = None
+        self.stats: dict = {}
+
+    # -- preparation -------------------------------------------------------------------------
+    def _tokenizer_for(self, docs: Documents, train_idx: list[int]) -> TextTokenizer:
+        if self.tokenizer_name:
+            return load_transformers_tokenizer(self.tokenizer_name)
+        path = self.cache_dir / "tokenizers" / f"bpe-{docs.identity.replace(':', '-')}-v{self.vocab_size}.json"
+        if not path.exists():
+            train_byte_level_bpe([docs.texts[i] for i in train_idx], self.vocab_size, path)
+        return load_bpe(path)
+
+    def _encoded(self, tok: TextTokenizer, docs: Documents, idx: list[int], split: str) -> list[np.ndarray]:
+        """Token ids of the chosen documents, cached as one flat array plus offsets."""
+        key = hashlib.sha256(f"{_CACHE_VERSION}:{docs.identity}:{tok.fingerprint}:{split}:{self.val_fraction}".encode())
+        path = self.cache_dir / "tokens" / f"{split}-{key.hexdigest()[:20]}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                flat, offsets = z["flat"], z["offsets"]
+        else:
+            encoded = tok.encode_batch([docs.texts[i] for i in idx]) if idx else []
+            lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            flat = np.concatenate([np.asarray(e, dtype=np.int32) for e in encoded]) if encoded else np.zeros(0, np.int32)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+            np.savez(tmp, flat=flat, offsets=offsets)
+            os.replace(tmp, path)
+        return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+    def prepare(self) -> None:
+        """Load, split, tokenize (cached) and pack; idempotent. Raises on an empty corpus."""
+        if self.train_blocks is not None:
+            return
+        docs = load_documents(self.source, self.path, self.hub_name, self.hub_config, self.text_field,
+                              self.max_documents, self.streaming)
+        nonempty = [i for i, t in enumerate(docs.texts) if t and t.strip()]
+        if not nonempty:
+            raise ValueError(f"the corpus (data.source={self.source!r}, data.path={self.path!r}) is empty: it has no text")
+        docs = Documents([docs.texts[i] for i in nonempty], [docs.keys[i] for i in nonempty], docs.identity)
+        train_idx, val_idx = split_by_key(docs.keys, self.val_fraction)
+        if not val_idx:
+            raise ValueError("the corpus has a single document; a held-out validation split needs at least two")
+        tok = self._tokenizer_for(docs, train_idx)
+        self.tokenizer = tok
+        train_docs = self._encoded(tok, docs, train_idx, "train")
+        val_docs = self._encoded(tok, docs, val_idx, "val")
+        self.train_blocks = pack_blocks(train_docs, self.block_size, tok.eos_id)
+        val = pack_blocks(val_docs, self.block_size, tok.eos_id)
+        if len(val) == 0:  # a tiny held-out split: use it whole as one shorter block
+            flat = pack_blocks(val_docs, 1, tok.eos_id).reshape(-1)
+            val = flat[None, : min(len(flat), self.block_size)]
+        self.val_blocks_array = val[: self.val_blocks] if self.val_blocks else val
+        if len(self.train_blocks) == 0:
+            raise ValueError(
+                f"the corpus is too small: its training split has fewer than data.block_size={self.block_size} tokens"
+            )
+        self.stats = {
+            "documents_train": len(train_idx),
+            "documents_val": len(val_idx),
+            "tokens_train": int(sum(len(d) + 1 for d in train_docs)),
+            "tokens_val": int(sum(len(d) + 1 for d in val_docs)),
+            "blocks_train": int(len(self.train_blocks)),
+            "blocks_val": int(len(self.val_blocks_array)),
+            "vocab_size": tok.vocab_size,
+            "tokenizer": tok.name,
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _run_shape(self) -> tuple[int, int, int, int]:
+        """(start_batch, num_batches, rank, world_size) from the attached trainer, if any."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, math.ceil(len(self.train_blocks) / self.batch_size), 0, 1
+        start = int(getattr(trainer.lightning_module, "batches_seen", 0))
+        per_step = trainer.accumulate_grad_batches
+        if trainer.max_steps and trainer.max_steps > 0:
+            total = trainer.max_steps * per_step
+        else:
+            per_epoch = len(self.train_blocks) // (self.batch_size * trainer.world_size)
+            total = max(per_epoch, 1) * max(trainer.max_epochs or 1, 1)
+        return start, total, trainer.global_rank, trainer.world_size
+
+    def train_dataloader(self) -> BlockStreamLoader:
+        self.prepare()
+        start, total, rank, world = self._run_shape()
+        return BlockStreamLoader(self.train_blocks, self.batch_size, total, seed=self.seed,
+                                 start_batch=start, rank=rank, world_size=world)
+
+    def val_dataloader(self) -> DataLoader:
+        self.prepare()
+        tensor = torch.from_numpy(self.val_blocks_array.astype(np.int64))
+        dataset = [{"input_ids": row} for row in tensor]
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def describe(self) -> str:
+        return json.dumps(self.stats)

@@ -1,0 +1,249 @@
+"""``CausalLMModule``: a LightningModule for causal-LM pre-training with memory-efficient optimizers.
+
+Follows the GaLore paper's pre-training recipe (Zhao et al., 2024: LLaMA sizes, cosine schedule
+with linear warmup and a minimum LR ratio) on transformers' ``LlamaForCausalLM``; the optimizer
+comes from ``scrimp.optim.build(cfg.optim, model)``. The optimization mode is read from the
+optimizer, so the user never chooses it:
+
+- first-order optimizers (AdamW, GaLore, FRUGAL, 8-bit): Lightning's automatic optimization;
+- ``optimizer.is_zeroth_order``: ``opt.step(closure)``, the closure runs forwards only
+  (MeZO, Malladi et al., 2023);
+- ``optimizer.is_layerwise``: ``manual_backward`` (updates run in backward hooks), then
+  ``opt.step()`` and ``opt.zero_grad()`` (GaLore's per-layer weight update, Sec. 4.3).
+
+    from scrimp.training.module import CausalLMModule
+    module = CausalLMModule("llama_tiny", optim={"name": "galore", "lr": 1e-2, "rank": 16}, vocab_size=4096)
+    lightning.Trainer(max_steps=50).fit(module, datamodule)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+
+from scrimp.training.models import build_model
+from scrimp.training.schedule import WarmupCosineScheduler, check_schedule
+
+
+def _plain(cfg) -> dict:
+    """A plain dict from a dict or an OmegaConf node (the optimizer factory takes keyword arguments)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra, a dependency
+        pass
+    return dict(cfg)
+
+
+def optimization_mode(optimizer) -> str:
+    """``"automatic"``, ``"zeroth_order"``, ``"layerwise"`` or ``"manual"``, from the optimizer's flags."""
+    if not getattr(optimizer, "needs_manual_optimization", False):
+        return "automatic"
+    if getattr(optimizer, "is_zeroth_order", False):
+        return "zeroth_order"
+    if getattr(optimizer, "is_layerwise", False):
+        return "layerwise"
+    return "manual"
+
+
+class CausalLMModule(L.LightningModule):
+    """LLaMA causal-LM training with the optimizer built by ``scrimp.optim.build``.
+
+    Args:
+        model: a named size (``llama_tiny``, ``llama_60m`` ... ``llama_1b``) or a path/hub name
+            for ``from_pretrained``.
+        optim: the optimizer config (``name`` plus its keyword arguments), see ``scrimp.optim.build``.
+        vocab_size: vocabulary of a named size (follows the tokenizer); ignored for pretrained.
+        seed: weight-initialisation seed of a named size.
+        warmup_steps, min_lr_ratio, total_steps: the cosine schedule (``total_steps=None``: the
+            trainer's estimated optimizer steps).
+        grad_clip: global gradient-norm clipping (None or 0: off). Zeroth-order optimizers have no
+            gradient to clip; layer-wise updates cannot be clipped globally (raises).
+        model_overrides: extra ``LlamaConfig`` fields for a named size.
+    """
+
+    def __init__(self, model: str = "llama_tiny", optim: Mapping | None = None, vocab_size: int | None = None,
+                 seed: int = 0, warmup_steps: int = 0, min_lr_ratio: float = 0.1, total_steps: int | None = None,
+                 grad_clip: float | None = 1.0, model_overrides: Mapping | None = None):
+        super().__init__()
+        optim = _plain(optim or {"name": "adamw", "lr": 1e-3})
+        if "name" not in optim:
+            raise ValueError("optim needs a 'name' (e.g. adamw, galore, frugal)")
+        check_schedule(warmup_steps, total_steps, min_lr_ratio)
+        if grad_clip is not None and grad_clip < 0:
+            raise ValueError(f"module.grad_clip must be null or >= 0, got {grad_clip!r}")
+        self.save_hyperparameters({"model": model, "optim": optim, "vocab_size": vocab_size, "seed": seed,
+                                   "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
+                                   "total_steps": total_steps, "grad_clip": grad_clip,
+                                   "model_overrides": _plain(model_overrides or {})})
+        self.model = build_model(model, vocab_size=vocab_size, seed=seed, **_plain(model_overrides or {}))
+        self.optim_cfg = optim
+        self.grad_clip = grad_clip or None
+        self.batches_seen = 0  # training batches consumed; positions the data stream on resume
+        self._optimizer = None
+        self.mode = "automatic"
+        self._val_sum = 0.0
+        self._val_tokens = 0
+        self.last_val_step = -1  # optimizer step of the last full validation
+
+    # -- optimizer -------------------------------------------------------------------------
+    def build_optimizer(self):
+        """Build the optimizer once (bad optimizer settings raise here) and pick the optimization mode."""
+        if self._optimizer is None:
+            from scrimp.optim import build
+
+            optimizer = build(self.optim_cfg, self.model)
+            mode = optimization_mode(optimizer)
+            if mode == "layerwise" and self.grad_clip:
+                raise ValueError(
+                    "module.grad_clip must be null with a layer-wise optimizer: each layer is updated inside "
+                    "backward, before a global gradient norm exists"
+                )
+            self._optimizer = optimizer
+            self.mode = mode
+            self.automatic_optimization = mode == "automatic"
+        return self._optimizer
+
+    @property
+    def optimizer_name(self) -> str:
+        return str(self.optim_cfg["name"])
+
+    def _total_steps(self) -> int:
+        if self.hparams.total_steps:
+            return int(self.hparams.total_steps)
+        trainer = self._trainer
+        if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        if trainer is not None:
+            return int(trainer.estimated_stepping_batches)
+        raise ValueError("module.total_steps is needed when no trainer gives max_steps")
+
+    def configure_optimizers(self):
+        optimizer = self.build_optimizer()
+        scheduler = WarmupCosineScheduler(optimizer, self.hparams.warmup_steps, self._total_steps(),
+                                          self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric=None) -> None:
+        scheduler.step()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # The module owns clipping (Lightning's trainer-level clipping refuses manual optimization).
+        if self.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+
+    # -- steps -----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of a batch of packed blocks (labels = inputs, shifted inside)."""
+        return self.model(input_ids=input_ids, labels=input_ids).loss
+
+    @staticmethod
+    def _check_finite(loss: torch.Tensor, where: str) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"the {where} loss is {loss.item()}; stopping before it reaches the weights (lower optim.lr "
+                "or enable module.grad_clip)"
+            )
+
+    def training_step(self, batch, batch_idx):
+        input_ids = batch["input_ids"]
+        self.batches_seen += 1
+        if self.mode == "automatic":
+            loss = self(input_ids)
+            self._check_finite(loss, "training")
+        elif self.mode == "zeroth_order":
+            loss = self._zeroth_order_step(input_ids)
+        else:
+            loss = self._manual_step(input_ids)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
+        if self._trainer is not None and (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+            # Only on the steps the logger writes: each self.log call costs per-step Python time.
+            self.log("train/lr", self._current_lr(), on_step=True, on_epoch=False)
+        return loss if self.mode == "automatic" else None
+
+    def _zeroth_order_step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        opt = self.optimizers()
+        first: list[torch.Tensor] = []
+
+        def closure():
+            with torch.no_grad():
+                loss = self(input_ids)
+            self._check_finite(loss, "zeroth-order probe")
+            if not first:
+                first.append(loss.detach())
+            return loss
+
+        returned = opt.step(closure=closure)
+        self._step_scheduler()
+        loss = returned if isinstance(returned, torch.Tensor) else first[0]
+        return loss.detach()
+
+    def _manual_step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        opt = self.optimizers()
+        loss = self(input_ids)
+        self._check_finite(loss, "training")
+        self.manual_backward(loss)
+        if self.mode == "manual" and self.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad()
+        self._step_scheduler()
+        return loss.detach()
+
+    def _step_scheduler(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _current_lr(self) -> float:
+        opt = self._optimizer
+        groups = getattr(opt, "param_groups", None)
+        return float(groups[0]["lr"]) if groups else float("nan")
+
+    def validation_step(self, batch, batch_idx):
+        input_ids = batch["input_ids"]
+        loss = self(input_ids)
+        n = input_ids[:, 1:].numel()  # predicted tokens per batch (the first of each row has no label)
+        self._val_sum += float(loss.detach().float()) * n
+        self._val_tokens += n
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_tokens = 0.0, 0
+
+    def on_validation_epoch_end(self) -> None:
+        totals = torch.tensor([self._val_sum, float(self._val_tokens)], dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum").cpu()
+        if totals[1] <= 0:
+            return
+        val_loss = float(totals[0] / totals[1])
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.global_step
+        # Already reduced over ranks; sync_dist only averages equal values (and keeps every rank informed).
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", math.exp(min(val_loss, 50.0)), sync_dist=True)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["scrimp"] = {"batches_seen": self.batches_seen, "optimizer_name": self.optimizer_name,
+                                "optim": self.optim_cfg}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("scrimp", {})
+        check_checkpoint_optimizer(saved.get("optimizer_name"), self.optimizer_name, "the checkpoint")
+        self.batches_seen = int(saved.get("batches_seen", 0))
+
+
+def check_checkpoint_optimizer(saved_name: str | None, current_name: str, where: str) -> None:
+    """Raise one sentence when a checkpoint's optimizer differs from the configured one."""
+    if saved_name is not None and saved_name != current_name:
+        raise ValueError(
+            f"{where} was written with optimizer {saved_name!r} but optim.name is {current_name!r}; "
+            f"resume with optim={saved_name} or start a fresh run without ckpt_path"
+        )

@@ -1,0 +1,429 @@
+"""Per-prompt sampling budgets under one total budget B (mean samples per prompt x prompts).
+
+Policies (all spend at most ``floor(B * prompts)`` samples, counting pilots):
+- ``uniform``: the same k for every prompt (self-consistency baseline, Wang et al. 2023).
+- ``oracle``: knows each prompt's true maj@k curve (from all its recorded samples) and solves the
+  knapsack on it; a ceiling to report, never a result.
+- ``knapsack``: pilot samples -> Dirichlet (voting) or Beta (coverage) posterior per prompt ->
+  ``scrimp.allocators.allocate_counts`` on the expected utility -> spend (Knapsack RL, Li et al. 2025,
+  generalized from training rollouts to inference).
+- ``sequential``: rounds of allocate / sample / update with early stopping (Adaptive-Consistency Beta
+  rule, Aggarwal et al. 2023; ESC window rule, Li et al. 2024); the budget a stopped prompt does not
+  use stays in the pool for the prompts still open, most uncertain first.
+- ``compute_optimal``: Snell et al. (2024): difficulty bins from pilot statistics; the best option per
+  bin under the budget is chosen on a calibration split (see ``fit_compute_optimal``) and applied to a
+  disjoint evaluation split.
+
+Everything is driven through the ``Generator`` protocol (``sample(ids, counts)``); a generator with
+``remaining(id)`` (the replay backend) also caps each prompt at what was recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scrimp.ttc.evaluate import maj_at_k, plurality
+from scrimp.ttc.generate import Generator, ReplayPrompt, Sample
+from scrimp.ttc.stopping import RULES, answer_counts, beta_confidence, cap_majority_probability, should_stop
+
+POLICIES = ("uniform", "oracle", "knapsack", "sequential", "compute_optimal")
+UTILITIES = ("majority", "coverage")
+
+
+@dataclass
+class PolicyOutcome:
+    """What a policy did: the chosen answer and the samples spent per prompt, and the total budget."""
+
+    answers: list[str | None]
+    spent: np.ndarray
+    budget: int
+    samples: list[list[Sample]] = field(repr=False, default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+def total_budget(budget_per_prompt: float, n_prompts: int) -> int:
+    """The total sample budget ``floor(B * prompts)`` (B = mean samples per prompt)."""
+    if not isinstance(budget_per_prompt, int | float) or not budget_per_prompt > 0 or math.isinf(budget_per_prompt):
+        raise ValueError(f"budget must be a positive number of samples per prompt, got {budget_per_prompt!r}")
+    return int(math.floor(budget_per_prompt * n_prompts + 1e-9))
+
+
+def _capacity(generator: Generator, ids: Sequence[str], k_max: int | None) -> np.ndarray:
+    """Most samples each prompt may still receive: ``k_max`` and, for replay, what was recorded."""
+    cap = np.full(len(ids), k_max if k_max is not None else np.iinfo(np.int64).max // 4, dtype=np.int64)
+    if hasattr(generator, "remaining"):
+        cap = np.minimum(cap, [generator.remaining(i) for i in ids])
+    return cap
+
+
+def _check_pilot(pilot: int, ids: Sequence[str], budget: int) -> None:
+    if not isinstance(pilot, int) or pilot < 1:
+        raise ValueError(f"pilot must be a positive integer number of samples per prompt, got {pilot!r}")
+    if pilot * len(ids) > budget:
+        raise ValueError(
+            f"budget {budget / len(ids):.3g} samples per prompt is below the pilot cost of {pilot} per prompt"
+        )
+
+
+def _select(samples: list[Sample], utility: str, rng: np.random.Generator) -> str | None:
+    """Final answer: plurality vote, or (coverage) a sample a perfect verifier accepts when any does."""
+    if utility == "coverage":
+        accepted = [s for s in samples if s.correct]
+        return accepted[0].answer if accepted else plurality([s.answer for s in samples], rng)
+    return plurality([s.answer for s in samples], rng)
+
+
+def _draw(generator: Generator, ids: Sequence[str], counts: np.ndarray, held: list[list[Sample]]) -> None:
+    idx = [i for i, c in enumerate(counts) if c > 0]
+    if not idx:
+        return
+    got = generator.sample([ids[i] for i in idx], [int(counts[i]) for i in idx])
+    for i, new in zip(idx, got):
+        held[i].extend(new)
+
+
+def _finish(generator, ids, held, budget, utility, rng, **info) -> PolicyOutcome:
+    spent = np.array([len(h) for h in held], dtype=np.int64)
+    if spent.sum() > budget:  # an invariant, not an input error: never report an overspent run
+        raise AssertionError(f"policy spent {spent.sum()} samples over its budget {budget}")
+    answers = [_select(h, utility, rng) for h in held]
+    return PolicyOutcome(answers, spent, budget, held, info)
+
+
+def uniform(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
+            utility: str = "majority", k_max: int | None = None) -> PolicyOutcome:
+    """Every prompt gets floor(budget / prompts) samples; the remainder goes to random prompts."""
+    cap = _capacity(generator, ids, k_max)
+    base, extra = divmod(budget, len(ids))
+    counts = np.full(len(ids), base, dtype=np.int64)
+    counts[rng.permutation(len(ids))[:extra]] += 1
+    counts = np.minimum(counts, cap)
+    held: list[list[Sample]] = [[] for _ in ids]
+    _draw(generator, ids, counts, held)
+    return _finish(generator, ids, held, budget, utility, rng)
+
+
+def _dirichlet_table(held: list[list[Sample]]) -> tuple[np.ndarray, int]:
+    """Pilot answer counts per prompt, leader first, padded with zero-count classes (unseen answers)."""
+    rows = [sorted(Counter(s.answer for s in h if s.answer is not None).values(), reverse=True) for h in held]
+    width = max(len(r) for r in rows) + 1
+    table = np.zeros((len(held), width))
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    return table, width
+
+
+def expected_mode_majority(counts: np.ndarray, ks: np.ndarray, *, prior: float = 0.5, draws: int = 256,
+                           seed: int = 0) -> np.ndarray:
+    """E over a Dirichlet(counts + prior) posterior of P(a vote over k samples elects the mode of the
+    answer distribution), for each row of ``counts`` (items, answers) and each k in ``ks``: (items, len(ks)).
+
+    Monte Carlo over ``draws`` seeded posterior draws; each draw is sorted so that its mode is answer 0,
+    then ``scrimp.allocators.utility.majority`` gives the exact vote accuracy. Unlike the probability
+    of electing the pilot's leader, this rewards resolving a contested prompt (a tie in the pilot gains
+    from more samples) rather than confirming an agreed one. Rows with the same counts are computed once.
+    """
+    from scrimp.allocators.utility import majority
+
+    if prior <= 0:
+        raise ValueError(f"prior must be > 0, got {prior}")
+    ks = np.asarray(ks, dtype=np.int64)
+    unique, inverse = np.unique(np.asarray(counts, float), axis=0, return_inverse=True)
+    rows = []
+    for row in unique:
+        # Each distinct pilot signature has its own seeded draws, so that a prompt's utility does not
+        # depend on which other prompts are present; cached because signatures repeat across runs.
+        key = (tuple(row), tuple(ks), prior, draws, seed)
+        if key not in _MODE_MAJORITY:
+            rng = np.random.default_rng([seed, *row.astype(np.int64).tolist()])
+            theta = -np.sort(-rng.dirichlet(row + prior, size=draws), axis=-1)  # mode first
+            _MODE_MAJORITY[key] = majority(ks[None, :], theta[:, None, :], correct_index=0).mean(axis=0)
+        rows.append(_MODE_MAJORITY[key])
+    return np.stack(rows)[np.ravel(inverse)]
+
+
+_MODE_MAJORITY: dict = {}
+
+
+def vote_gain(answers: Sequence[str | None], *, prior: float = 1.0, lookahead: int = 2) -> float:
+    """Expected gain in P(the vote elects the mode) from ``lookahead`` more samples, under the
+    Dirichlet posterior of the answers seen so far (plus one unseen answer). Two samples by default,
+    because one sample's gain alternates with the parity of the count (ties at even counts)."""
+    counts = tuple(sorted(Counter(a for a in answers if a is not None).values(), reverse=True))
+    key = (counts, prior, lookahead)
+    if key not in _VOTE_GAIN:
+        n = sum(counts)
+        table = np.array([[*counts, 0]], dtype=float)
+        values = expected_mode_majority(table, np.array([max(n, 1), n + lookahead]), prior=prior)[0]
+        _VOTE_GAIN[key] = float(values[1] - values[0])
+    return _VOTE_GAIN[key]
+
+
+_VOTE_GAIN: dict = {}
+
+
+def knapsack(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
+             utility: str = "majority", pilot: int = 2, prior: float = 0.5, k_max: int | None = 40) -> PolicyOutcome:
+    """Pilot -> posterior -> knapsack on expected utility -> spend.
+
+    ``majority``: Dirichlet posterior over the answers seen in the pilot (plus one unseen answer),
+    expected probability that the vote over the pilot + k samples elects the MODE of the answer
+    distribution (``expected_mode_majority``; the vote's target when no verifier is available).
+    ``coverage``: Beta posterior on the pilot's verified successes, expected
+    1 - (1 - p)^k. Both through ``scrimp.allocators``.
+    """
+    from scrimp.allocators import allocate_counts
+    from scrimp.allocators.posterior import BetaPosterior
+
+    _check_pilot(pilot, ids, budget)
+    cap = _capacity(generator, ids, k_max)
+    if np.any(cap < pilot):
+        raise ValueError(f"pilot={pilot} exceeds the samples available for some prompt (min {int(cap.min())})")
+    held: list[list[Sample]] = [[] for _ in ids]
+    _draw(generator, ids, np.full(len(ids), pilot), held)
+    extra_cap = int((cap - pilot).max())
+    if utility == "coverage":
+        wins = np.array([sum(bool(s.correct) for s in h) for h in held], dtype=float)
+        post = BetaPosterior(wins[:, None], (pilot - wins)[:, None], prior=(prior, prior))
+        fn = lambda k, p: p.expected_coverage(pilot + k)
+    else:
+        table, _ = _dirichlet_table(held)
+        post = expected_mode_majority(table, np.arange(extra_cap + 1) + pilot, prior=prior)
+        fn = lambda k, p: p[:, k[0]]
+    alloc = allocate_counts(fn, post, budget - pilot * len(ids), k_min=0, k_max=extra_cap)
+    extra = np.minimum(np.asarray(alloc.counts, dtype=np.int64), cap - pilot)
+    _draw(generator, ids, extra, held)
+    return _finish(generator, ids, held, budget, utility, rng, method=alloc.method, optimal=alloc.optimal)
+
+
+def oracle(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
+           prompts: Sequence[ReplayPrompt], utility: str = "majority", k_max: int | None = 40) -> PolicyOutcome:
+    """Knapsack on each prompt's TRUE expected accuracy (exact maj@k / pass@k over all its recorded
+    samples). Uses the references: a ceiling for reporting, never a result."""
+    from scrimp.allocators import allocate_counts
+
+    by_id = {p.id: p for p in prompts}
+    cap = _capacity(generator, ids, k_max)
+    kmax = int(cap.max())
+    table = np.zeros((len(ids), kmax + 1))
+    for i, pid in enumerate(ids):
+        curve = _true_curve(by_id[pid], utility)
+        reach = min(kmax, int(cap[i]), len(curve) - 1)
+        table[i, : reach + 1] = curve[: reach + 1]
+        table[i, reach + 1 :] = curve[reach]
+    alloc = allocate_counts(lambda k, t: t[:, k[0]], table, budget, k_min=0, k_max=kmax)
+    counts = np.minimum(np.asarray(alloc.counts, dtype=np.int64), cap)
+    held: list[list[Sample]] = [[] for _ in ids]
+    _draw(generator, ids, counts, held)
+    return _finish(generator, ids, held, budget, utility, rng, method=alloc.method)
+
+
+_TRUE_CURVES: dict = {}
+
+
+def _true_curve(p: ReplayPrompt, utility: str) -> np.ndarray:
+    """Exact expected accuracy of k = 0..n samples of this prompt (maj@k or pass@k), cached."""
+    from scrimp.ttc.evaluate import pass_at_k
+
+    key = (id(p), utility)
+    if key not in _TRUE_CURVES:
+        n = len(p.samples)
+        wins = sum(bool(s.correct) for s in p.samples)
+        ref = _reference_answer(p)
+        curve = [0.0] + [
+            pass_at_k(n, wins, k) if utility == "coverage" else maj_at_k([s.answer for s in p.samples], ref, k)
+            for k in range(1, n + 1)
+        ]
+        _TRUE_CURVES[key] = (p, np.array(curve))  # keep p alive so that its id stays unique
+    return _TRUE_CURVES[key][1]
+
+
+def _reference_answer(p: ReplayPrompt) -> str | None:
+    """The normalized answer that the recorded samples mark correct (falls back to the reference)."""
+    from scrimp.ttc.verify import normalize_answer
+
+    for s in p.samples:
+        if s.correct and s.answer is not None:
+            return s.answer
+    return normalize_answer(p.reference)
+
+
+def sequential(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
+               utility: str = "majority", pilot: int = 2, rule: str = "dirichlet", threshold: float = 0.95,
+               prior: float = 1.0, window: int = 3, k_max: int | None = 40, priority: str = "confidence") -> PolicyOutcome:
+    """Rounds of allocate / sample / update with early stopping; freed budget stays in the pool.
+
+    Round 0 draws ``pilot`` samples per prompt. Each later round gives one more sample to every open
+    prompt (one not yet stopped by ``rule`` and below its cap); when the pool cannot cover all of them,
+    ``priority`` decides who goes first: ``gain`` (largest expected gain of the vote from two more
+    samples under the Dirichlet posterior, ``vote_gain``: a contested prompt before a hopeless one) or
+    ``confidence`` (lowest Adaptive-Consistency confidence first). Stops when no prompt
+    is open or the pool is empty. ``rule``: ``beta`` (Adaptive-Consistency), ``window`` (ESC; windows
+    counted from the first sample), ``either``, or ``dirichlet`` (the cap-majority probability,
+    ``stopping.cap_majority_probability``, with the prompt's cap as horizon; it also ranks the prompts
+    under ``priority="confidence"``).
+    """
+    _check_pilot(pilot, ids, budget)
+    if priority not in ("gain", "confidence"):
+        raise ValueError(f"priority must be 'gain' or 'confidence', got {priority!r}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    cap = _capacity(generator, ids, k_max)
+    held: list[list[Sample]] = [[] for _ in ids]
+    _draw(generator, ids, np.minimum(np.full(len(ids), pilot), cap), held)
+    pool = budget - sum(len(h) for h in held)
+    stopped = np.zeros(len(ids), dtype=bool)
+    rounds = 0
+    while pool > 0:
+        for i in np.nonzero(~stopped)[0]:
+            answers = [s.answer for s in held[i]]
+            if len(held[i]) >= cap[i] or should_stop(answers, rule, threshold=threshold, prior=prior, window=window,
+                                                      horizon=int(cap[i])):
+                stopped[i] = True
+        open_ = np.nonzero(~stopped)[0]
+        if open_.size == 0:
+            break
+        if open_.size > pool:
+            tiebreak = rng.random(open_.size)
+            if priority == "gain":
+                gain = np.array([vote_gain([s.answer for s in held[i]], prior=prior) for i in open_])
+                open_ = open_[np.lexsort((tiebreak, -gain))[:pool]]
+            else:
+                conf = np.array([_confidence(held[i], rule, prior, int(cap[i])) for i in open_])
+                open_ = open_[np.lexsort((tiebreak, conf))[:pool]]
+        counts = np.zeros(len(ids), dtype=np.int64)
+        counts[open_] = 1
+        _draw(generator, ids, counts, held)
+        pool -= open_.size
+        rounds += 1
+    return _finish(generator, ids, held, budget, utility, rng, rounds=rounds, open=int((~stopped).sum()))
+
+
+def _confidence(samples: list[Sample], rule: str, prior: float, horizon: int) -> float:
+    """The stopping statistic used to rank open prompts (least confident first): the cap-majority
+    probability for the ``dirichlet`` rule, the Adaptive-Consistency Beta confidence otherwise."""
+    answers = [s.answer for s in samples]
+    if rule == "dirichlet":
+        return cap_majority_probability(answer_counts(answers), len(answers), horizon, prior)
+    return beta_confidence(answers, prior)
+
+
+# ---------------------------------------------------------------- compute-optimal (Snell et al. 2024)
+
+
+@dataclass
+class ComputeOptimalPlan:
+    """Fitted on a calibration split: pilot size, bin of each pilot statistic (the leader's vote count
+    in the pilot), and per bin the calibration accuracy of giving a prompt k samples in total."""
+
+    pilot: int
+    bin_of_count: dict[int, int]
+    accuracy: np.ndarray  # (bins, k_max + 1): calibration accuracy when a prompt of the bin gets k samples
+    k_max: int
+
+
+def pilot_statistic(samples: Sequence[Sample]) -> int:
+    """Difficulty statistic of a pilot: votes of its leading answer (all agree = easy)."""
+    top = Counter(s.answer for s in samples if s.answer is not None).most_common(1)
+    return top[0][1] if top else 0
+
+
+def fit_compute_optimal(calibration: Sequence[ReplayPrompt], *, pilot: int = 3, k_max: int = 40,
+                        repeats: int = 8, min_bin: int = 10, seed: int = 0) -> ComputeOptimalPlan:
+    """Estimate, on calibration prompts (with references), the accuracy of majority voting with k
+    total samples for each pilot-statistic bin, conditioning on the pilot actually drawn.
+
+    Bins are the distinct pilot statistics, merged with a neighbour while a bin holds fewer than
+    ``min_bin`` calibration draws. ``repeats`` replay orders per prompt. The chosen k per bin is made
+    later, under the evaluation split's budget and bin counts (``compute_optimal``).
+    """
+    from scrimp.ttc.generate import ReplayGenerator
+
+    if not calibration:
+        raise ValueError("calibration must hold at least one prompt")
+    if pilot < 1 or k_max < pilot:
+        raise ValueError(f"need 1 <= pilot <= k_max, got pilot={pilot}, k_max={k_max}")
+    sums = np.zeros((pilot + 1, k_max + 1))
+    seen = np.zeros(pilot + 1)
+    rng = np.random.default_rng(seed)
+    for r in range(repeats):
+        gen = ReplayGenerator(calibration, seed=seed * 1000 + r)
+        for p in calibration:
+            n = len(p.samples)
+            if n < pilot:
+                continue
+            drawn = gen.sample([p.id], n)[0]
+            stat = pilot_statistic(drawn[:pilot])
+            ref = _reference_answer(p)
+            seen[stat] += 1
+            # Accuracy of the vote over the first k of this seeded order (k >= pilot keeps the pilot).
+            for k in range(1, k_max + 1):
+                kk = min(k, n)
+                sums[stat, k] += plurality([s.answer for s in drawn[:kk]], rng) == ref if ref else 0.0
+    bins, bin_of_count, acc_rows, run, run_seen = [], {}, [], np.zeros(k_max + 1), 0.0
+    for stat in range(pilot + 1):
+        run, run_seen = run + sums[stat], run_seen + seen[stat]
+        bins.append(stat)
+        if run_seen >= min_bin or stat == pilot:
+            for s in bins:
+                bin_of_count[s] = len(acc_rows)
+            acc_rows.append(run / max(run_seen, 1.0))
+            bins, run, run_seen = [], np.zeros(k_max + 1), 0.0
+    return ComputeOptimalPlan(pilot, bin_of_count, np.array(acc_rows), k_max)
+
+
+def compute_optimal(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
+                    plan: ComputeOptimalPlan, utility: str = "majority") -> PolicyOutcome:
+    """Apply a calibration plan: pilot, bin each prompt by its pilot statistic, then choose k per bin by
+    the multiple-choice knapsack (``scrimp.allocators.solve``) over bins with the calibration accuracy,
+    under this split's budget and its observed bin counts (no labels of this split are used)."""
+    from scrimp.allocators import solve
+
+    if utility != "majority":
+        raise ValueError("compute_optimal supports utility='majority' only (its plan is fitted for voting)")
+    _check_pilot(plan.pilot, ids, budget)
+    cap = _capacity(generator, ids, plan.k_max)
+    held: list[list[Sample]] = [[] for _ in ids]
+    _draw(generator, ids, np.minimum(np.full(len(ids), plan.pilot), cap), held)
+    bins = np.array([plan.bin_of_count[pilot_statistic(h)] for h in held])
+    n_bins, kmax = plan.accuracy.shape[0], plan.k_max
+    sizes = np.bincount(bins, minlength=n_bins)
+    ks = np.arange(plan.pilot, kmax + 1)
+    costs = np.outer(sizes, ks - plan.pilot).astype(np.int64)
+    values = sizes[:, None] * plan.accuracy[:, ks]
+    alloc = solve(costs, values, budget - plan.pilot * len(ids))
+    k_bin = ks[np.asarray(alloc.choice)]
+    extra = np.minimum(k_bin[bins], cap) - np.array([len(h) for h in held])
+    _draw(generator, ids, np.maximum(extra, 0), held)
+    return _finish(generator, ids, held, budget, utility, rng, k_per_bin=k_bin.tolist(), bin_sizes=sizes.tolist())
+
+
+POLICY_FUNCTIONS: dict[str, Callable[..., PolicyOutcome]] = {
+    "uniform": uniform,
+    "oracle": oracle,
+    "knapsack": knapsack,
+    "sequential": sequential,
+    "compute_optimal": compute_optimal,
+}
+
+
+def run_policy(name: str, generator: Generator, ids: Sequence[str], budget_per_prompt: float, *,
+               seed: int = 0, **params) -> PolicyOutcome:
+    """Run the policy ``name`` (one of ``POLICIES``) on prompts ``ids`` with mean budget
+    ``budget_per_prompt``; the seed drives tie-breaking and any random choice of the policy."""
+    if name not in POLICY_FUNCTIONS:
+        raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
+    if not ids:
+        raise ValueError("ids must name at least one prompt")
+    utility = params.get("utility", "majority")
+    if utility not in UTILITIES:
+        raise ValueError(f"utility must be one of {UTILITIES}, got {utility!r}")
+    budget = total_budget(budget_per_prompt, len(ids))
+    return POLICY_FUNCTIONS[name](generator, list(ids), budget, rng=np.random.default_rng(seed), **params)

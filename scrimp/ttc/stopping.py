@@ -1,0 +1,148 @@
+"""Early-stopping rules for sampling-based voting (pure functions of the answers drawn so far).
+
+- Beta rule: Adaptive-Consistency (Aggarwal et al., EMNLP 2023, "Let's Sample Step by Step"): with
+  v1 votes for the leading answer and v2 for the runner-up, the posterior share of the leader among
+  the two, p ~ Beta(v1 + a, v2 + a), gives the confidence P(p > 1/2) that the leader is the mode;
+  stop once it exceeds a threshold.
+- Window rule: ESC (Li et al., ICLR 2024, "Escape Sky-high Cost"): sample in windows of w; stop when
+  all w answers of a window agree.
+- Cap-majority rule (``dirichlet``): the Bayesian version of "more samples will not change the vote".
+  Under a Dirichlet posterior over the answer distribution (all answers seen, plus one class for the
+  answers not seen yet), the probability that the current leader still wins the plurality vote once
+  the prompt is sampled up to its cap; stop once it exceeds a threshold. It generalizes the Beta rule
+  of Adaptive-Consistency (all answers, not only the top two; the vote at the cap, which is what a
+  uniform budget would report, rather than the mode of the distribution) and ESC's intuition (a
+  window that agrees makes a change of the final vote unlikely), and is exact (no Monte Carlo): the
+  Dirichlet-multinomial predictive of the remaining samples factors over answers, so
+  ``scrimp.allocators.utility.majority_table`` sums it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(64)
+
+RULES = ("beta", "window", "either", "dirichlet")
+
+
+def beta_tail_above_half(a: float, b: float) -> float:
+    """P(X > 1/2) for X ~ Beta(a, b), a, b > 0, by Gauss-Legendre quadrature.
+
+    Written as I_{1/2}(b, a) with the substitution u = y**b when b < 1 (it removes the y**(b-1) endpoint
+    singularity), so that 64 nodes are accurate to ~1e-12 for the counts seen in voting.
+    """
+    if a <= 0 or b <= 0:
+        raise ValueError(f"Beta parameters must be positive, got a={a}, b={b}")
+    if b < 1:
+        upper = 0.5**b
+        u = 0.5 * upper * (_NODES + 1.0)
+        y = u ** (1.0 / b)
+        integral = 0.5 * upper * float(_WEIGHTS @ np.exp((a - 1.0) * np.log1p(-y))) / b
+    else:  # smooth on [0, 1/2] already
+        y = 0.25 * (_NODES + 1.0)
+        integral = 0.25 * float(_WEIGHTS @ np.exp((b - 1.0) * np.log(y) + (a - 1.0) * np.log1p(-y)))
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    return min(1.0, integral * math.exp(-log_beta))
+
+
+def leader_counts(answers: Sequence[str | None]) -> tuple[int, int]:
+    """Votes of the leading and runner-up answers (None answers do not vote)."""
+    top = Counter(a for a in answers if a is not None).most_common(2)
+    v1 = top[0][1] if top else 0
+    v2 = top[1][1] if len(top) > 1 else 0
+    return v1, v2
+
+
+def beta_confidence(answers: Sequence[str | None], prior: float = 1.0) -> float:
+    """Adaptive-Consistency confidence that the current leader is the mode: P(Beta(v1+a, v2+a) > 1/2)."""
+    if prior <= 0:
+        raise ValueError(f"prior must be > 0, got {prior}")
+    v1, v2 = leader_counts(answers)
+    return beta_tail_above_half(v1 + prior, v2 + prior)
+
+
+def window_agrees(answers: Sequence[str | None], window: int, start: int = 0) -> bool:
+    """ESC window rule: True when the number drawn since ``start`` is a positive multiple of ``window``
+    and the last ``window`` answers are the same non-None answer."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    drawn = len(answers) - start
+    if drawn <= 0 or drawn % window:
+        return False
+    last = answers[-window:]
+    return last[0] is not None and all(a == last[0] for a in last)
+
+
+def answer_counts(answers: Sequence[str | None]) -> tuple[int, ...]:
+    """Votes per distinct answer, largest first (None answers do not vote)."""
+    return tuple(sorted(Counter(a for a in answers if a is not None).values(), reverse=True))
+
+
+def cap_majority_probability(counts: Sequence[int], drawn: int, horizon: int, prior: float = 0.5) -> float:
+    """P(the answer leading ``counts`` wins the plurality vote once the prompt holds ``horizon`` samples).
+
+    ``counts``: votes per distinct answer so far, leader first (``answer_counts``); ``drawn``: samples
+    drawn so far (None answers included, they spend budget without voting); the remaining
+    m = horizon - drawn samples follow the Dirichlet-multinomial predictive of a Dirichlet(counts + prior)
+    posterior over the seen answers plus one class for all unseen answers (prior pseudo-count
+    ``prior``; Dirichlet-process-style). Ties at the horizon are split evenly, as ``plurality`` breaks
+    them at random. Exact: the predictive pmf is m!/(A)_m prod_j (alpha_j)_{x_j}/x_j!, so the final
+    counts y_j = c_j + x_j have factored weights and ``allocators.utility.majority_table`` sums the
+    vote over them. With no vote yet the leader is undefined and the value is 0.
+    """
+    if prior <= 0 or not math.isfinite(prior):
+        raise ValueError(f"prior must be a positive finite pseudo-count, got {prior}")
+    c = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if c.size == 0:
+        return 0.0
+    if np.any(c < 0) or np.any(c[1:] > c[0]):
+        raise ValueError(f"counts must be non-negative vote counts with the leader first, got {counts!r}")
+    votes = int(c.sum())
+    if votes == 0:
+        return 0.0
+    if drawn < votes:
+        raise ValueError(f"drawn ({drawn}) must be at least the number of votes ({votes})")
+    m = max(int(horizon) - int(drawn), 0)
+    if m == 0:  # nothing left to draw: the vote is the current one
+        return 1.0 / int(np.sum(c == c[0]))
+    return _cap_majority_exact(tuple(int(x) for x in c), m, float(prior))
+
+
+@functools.lru_cache(maxsize=65536)
+def _cap_majority_exact(counts: tuple[int, ...], m: int, prior: float) -> float:
+    from scrimp.allocators.utility import majority_table
+
+    c = np.array([*counts, 0], dtype=np.float64)  # the last class lumps the answers not seen yet
+    alpha = c + prior
+    top = int(c.sum()) + m
+    y = np.arange(top + 1, dtype=np.float64)
+    x = y[None, :] - c[:, None]  # new votes a class needs to end at y; a final count below c is impossible
+    xs = np.maximum(x, 0.0)
+    lgamma = np.vectorize(math.lgamma, otypes=[np.float64])
+    log_w = np.where(x >= 0, lgamma(alpha[:, None] + xs) - lgamma(alpha)[:, None] - lgamma(xs + 1.0), -np.inf)
+    log_norm = np.full((1, top + 1), -np.inf)
+    a_sum = float(alpha.sum())
+    log_norm[0, top] = math.lgamma(m + 1.0) + math.lgamma(a_sum) - math.lgamma(a_sum + m)
+    table = majority_table(log_w[None, 0], log_w[None, 1:], log_norm, top)
+    return float(min(1.0, table[0, top]))
+
+
+def should_stop(answers: Sequence[str | None], rule: str, *, threshold: float, prior: float, window: int,
+                horizon: int | None = None) -> bool:
+    """Whether to stop sampling this prompt under ``rule`` in ``RULES`` (``horizon``: the prompt's cap,
+    needed by the ``dirichlet`` rule)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "dirichlet":
+        if horizon is None:
+            raise ValueError("the dirichlet rule needs horizon (the most samples this prompt may get)")
+        return cap_majority_probability(answer_counts(answers), len(answers), horizon, prior) >= threshold
+    if rule in ("beta", "either") and answers and beta_confidence(answers, prior) >= threshold:
+        return True
+    return rule in ("window", "either") and window_agrees(answers, window)

@@ -1,0 +1,98 @@
+"""Tests of hydra_plugins/scrimp_optuna_sweeper: the search-space syntax, and a real sweep through
+`python -m experiments.train -m` into a SQLite storage with a pruned trial, resumed by a second run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from training.helpers import SMALL
+
+from hydra_plugins.scrimp_optuna_sweeper.search_space import params_to_overrides, search_space
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_search_space_reads_the_official_plugin_syntax():
+    space, fixed = search_space([
+        "optim.lr=tag(log, interval(1e-4, 1e-1))",
+        "optim.rank=choice(16, 32, 64)",
+        "optim=adamw,galore",
+        "trainer.max_steps=range(100, 400, 100)",
+        "module.min_lr_ratio=interval(0.0, 0.5)",
+        "data.block_size=tag(log, int(interval(64, 512)))",
+        "seed=3",
+    ])
+    assert space["optim.lr"] == FloatDistribution(1e-4, 1e-1, log=True)
+    assert space["optim.rank"] == CategoricalDistribution([16, 32, 64])
+    assert space["optim"] == CategoricalDistribution(["adamw", "galore"])
+    assert space["trainer.max_steps"] == IntDistribution(100, 300, step=100)  # stop is exclusive
+    assert space["module.min_lr_ratio"] == FloatDistribution(0.0, 0.5)
+    assert space["data.block_size"] == IntDistribution(64, 512, log=True)
+    assert fixed == ["seed=3"]
+
+
+def test_bad_search_space_is_one_sentence():
+    with pytest.raises(ValueError, match="the log tag applies to interval or range, not choice"):
+        search_space(["optim.rank=tag(log, choice(1, 2))"])
+
+
+def test_params_round_trip_through_overrides():
+    overrides = params_to_overrides({"optim.lr": 0.001234, "optim": "galore", "data.path": "a b/c"})
+    assert overrides == ["optim.lr=0.001234", "optim=galore", "data.path='a b/c'"]
+
+
+SEARCH = """# @package _global_
+# python -m experiments.train hydra.searchpath=[file://{dir}] hparams_search=prune_test
+defaults:
+  - override /optim: galore
+  - override /hydra/sweeper: scrimp_optuna
+optimized_metric: val/loss
+hydra:
+  mode: MULTIRUN
+  sweeper:
+    study_name: prune_test
+    n_trials: 3
+    sampler: {{_target_: optuna.samplers.BruteForceSampler, seed: 0}}
+    # lr 0 keeps the initial loss (about ln 512 = 6.24 > 6.1) and is pruned at step 10; lr 0.01 gets below.
+    pruner: {{_target_: optuna.pruners.ThresholdPruner, upper: 6.1, n_warmup_steps: 6}}
+    params:
+      optim.lr: choice(0.0, 0.01)
+      optim.rank: choice(8, 16)
+"""
+
+
+def _sweep(tmp_path: Path, n_trials: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SCRIMP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "hparams_search=prune_test",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.sweeper.n_trials={n_trials}", *SMALL,
+            "trainer.max_steps=10", "trainer.val_check_interval=5"]
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+
+
+def test_sweep_records_trials_and_a_pruned_one_in_sqlite_and_resumes(tmp_path):
+    (tmp_path / "conf" / "hparams_search").mkdir(parents=True)
+    (tmp_path / "conf" / "hparams_search" / "prune_test.yaml").write_text(SEARCH.format(dir=tmp_path / "conf"))
+    proc = _sweep(tmp_path, 3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
+    trials = optuna.load_study(study_name="prune_test", storage=storage).trials
+    assert len(trials) == 3 and len({tuple(sorted(t.params.items())) for t in trials}) == 3
+    for t in trials:  # the pruner's decision, made in the job through the storage
+        expected = optuna.trial.TrialState.PRUNED if t.params["optim.lr"] == 0.0 else optuna.trial.TrialState.COMPLETE
+        assert t.state == expected, (t.params, t.intermediate_values)
+        assert sorted(t.intermediate_values) == [5, 10]  # reported by the job at each validation
+    assert any(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert (tmp_path / "sweep" / "optimization_results.yaml").exists()
+    # Running the same sweep with a larger budget resumes the study: one more trial, the 4th combination.
+    proc = _sweep(tmp_path, 4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="prune_test", storage=storage).trials
+    assert len(trials) == 4 and len({tuple(sorted(t.params.items())) for t in trials}) == 4

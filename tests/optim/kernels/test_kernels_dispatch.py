@@ -1,0 +1,90 @@
+"""``scrimp.optim.kernels.projected_adam_step``: backend choice, argument checks, parity of backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernels_reference import random_problem, reference_step, relative_error
+
+import scrimp.optim.kernels as kernels
+from scrimp.optim.functional import projected_adam_step_torch
+
+HYPER = dict(step=3, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, scale=0.25, residual_lr_scale=0.5)
+
+
+def clones(prob):
+    return [t.clone() for t in (prob.W, prob.G, prob.P, prob.exp_avg, prob.exp_avg_sq)]
+
+
+def test_auto_is_torch_on_cpu_and_triton_on_cuda():
+    assert kernels.resolve_backend("auto", torch.ones(2, 2)) == "torch"
+    assert kernels.resolve_backend("torch", torch.ones(2, 2)) == "torch"
+    if torch.cuda.is_available():
+        assert kernels.resolve_backend("auto", torch.ones(2, 2, device="cuda")) == "triton"
+
+
+def test_triton_backend_without_triton_is_refused(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match="backend='triton' needs the triton package"):
+        kernels.resolve_backend("triton", torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_torch_backend_is_the_functional_reference(backend):
+    """On the CPU, "torch" and "auto" run scrimp.optim.functional's function itself: bitwise equal."""
+    prob = random_problem(30, 22, 4, "right", generator=torch.Generator().manual_seed(2))
+    ours, theirs = clones(prob), clones(prob)
+    kernels.projected_adam_step(*ours, side="right", residual="sign_sgd", backend=backend, **HYPER)
+    projected_adam_step_torch(*theirs, side="right", residual="sign_sgd", **HYPER)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_triton_and_torch_backends_agree_with_float64(fused, device, side):
+    prob = random_problem(41, 29, 6, side, device=device, generator=torch.Generator().manual_seed(4))
+    ref = reference_step(*clones(prob), side=side, residual="sgd", **HYPER)
+    for backend in ("triton", "torch"):
+        W, G, P, m, v = (t.to(device) for t in clones(prob))
+        kernels.projected_adam_step(W, G, P, m, v, side=side, residual="sgd", backend=backend, **HYPER)
+        W0 = prob.W.cpu().double()
+        assert relative_error(W.cpu().double() - W0, ref["W"] - W0) < 1e-5, backend
+        assert relative_error(m, ref["exp_avg"]) < 1e-5 and relative_error(v, ref["exp_avg_sq"]) < 1e-5
+
+
+def _bad(change):
+    """Arguments of a valid left-side call with one change applied."""
+    prob = random_problem(12, 10, 3, "left", generator=torch.Generator().manual_seed(0))
+    args = dict(W=prob.W, G=prob.G, P=prob.P, exp_avg=prob.exp_avg, exp_avg_sq=prob.exp_avg_sq,
+                side="left", residual=None, backend="auto", **HYPER)
+    change(args)
+    return args
+
+
+BAD = [
+    (lambda a: a.update(side="up"), ValueError, "side must be one of"),
+    (lambda a: a.update(residual="adam"), ValueError, "residual must be one of"),
+    (lambda a: a.update(backend="cuda"), ValueError, "backend must be one of"),
+    (lambda a: a.update(P=a["P"][:, :2].t().contiguous()), ValueError, "P must have shape"),
+    (lambda a: a.update(G=a["G"][:, :9]), ValueError, "G must have W's shape"),
+    (lambda a: a.update(exp_avg=a["exp_avg"].t().contiguous()), ValueError, "exp_avg must have the low-rank shape"),
+    (lambda a: a.update(exp_avg_sq=a["exp_avg_sq"].half()), TypeError, "exp_avg_sq must be float32"),
+    (lambda a: a.update(W=a["W"].long()), TypeError, "W must be float32, bfloat16 or float16"),
+    (lambda a: a.update(G=a["G"][0]), ValueError, "G must be 2-D"),
+    (lambda a: a.update(step=0), ValueError, "step must be an int >= 1"),
+    (lambda a: a.update(beta1=1.0), ValueError, "beta1 must be a float in"),
+    (lambda a: a.update(eps=0.0), ValueError, "eps must be a finite float > 0"),
+    (lambda a: a.update(lr=float("nan")), ValueError, "lr must be a finite float >= 0"),
+    (lambda a: a.update(scale=-1.0), ValueError, "scale must be a finite float >= 0"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", BAD)
+def test_bad_arguments_raise_one_sentence_before_any_write(change, error, message):
+    args = _bad(change)
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    W, G, P, m, v = (args.pop(k) for k in ("W", "G", "P", "exp_avg", "exp_avg_sq"))
+    with pytest.raises(error, match=message):
+        kernels.projected_adam_step(W, G, P, m, v, **args)
+    for name, t in zip(("W", "G", "P", "exp_avg", "exp_avg_sq"), (W, G, P, m, v)):
+        assert torch.equal(t, before[name])

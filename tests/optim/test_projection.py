@@ -1,0 +1,139 @@
+"""Projectors: bases against torch/float64 SVD, seeds, side rule, SVD failure fallbacks."""
+
+import pytest
+import torch
+
+from scrimp.optim import GaLoreAdamW, projection
+from scrimp.optim.projection import Projector, choose_side
+
+
+def span_projector(P):
+    return P @ P.t()
+
+
+def low_rank_matrix(m, n, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.tensor([10.0 / (i + 1) for i in range(r)])
+    U = torch.linalg.qr(torch.randn(m, r, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, r, generator=g)).Q
+    return (U * s) @ V.t() + 1e-3 * torch.randn(m, n, generator=g)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_svd_and_rsvd_span_the_top_singular_space(side):
+    G = low_rank_matrix(20, 30, 4)
+    U, _, Vh = torch.linalg.svd(G.double())
+    ref = U[:, :4] if side == "left" else Vh[:4].t()
+    P = projection.svd_basis(G, 4, side)
+    Q = projection.rsvd_basis(G, 4, side, seed=7, power_iters=2)
+    for basis in (P, Q):
+        torch.testing.assert_close(basis.t().double() @ basis.double(), torch.eye(4, dtype=torch.float64),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(span_projector(basis.double()), span_projector(ref), atol=1e-4, rtol=0)
+
+
+def test_random_basis_is_orthonormal_and_seeded():
+    a = projection.random_basis(16, 5, seed=3, device=torch.device("cpu"))
+    b = projection.random_basis(16, 5, seed=3, device=torch.device("cpu"))
+    c = projection.random_basis(16, 5, seed=4, device=torch.device("cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(a.t() @ a, torch.eye(5), atol=1e-5, rtol=0)
+
+
+def test_side_rule_matches_galore():
+    # galore-torch: std projects on the right when m >= n, reverse_std the opposite.
+    assert choose_side((10, 5), "std") == "right" and choose_side((5, 10), "std") == "left"
+    assert choose_side((10, 5), "reverse_std") == "left" and choose_side((5, 10), "reverse_std") == "right"
+    assert choose_side((5, 10), "right") == "right" and choose_side((10, 5), "left") == "left"
+    with pytest.raises(ValueError, match="proj_type must be one of"):
+        choose_side((3, 4), "diagonal")
+
+
+@pytest.mark.parametrize("kind", ["randperm", "rows", "columns", "randk"])
+def test_coordinate_indices_are_distinct_and_in_range(kind):
+    for refresh in range(3):
+        for side in ("left", "right"):
+            idx = projection.coordinate_index(kind, (6, 9), 4, side, seed=1, refresh=refresh,
+                                              device=torch.device("cpu"))
+            limit = {"randk": 54, "columns": 9, "rows": 6}.get(kind, 6 if side == "left" else 9)
+            assert len(set(idx.tolist())) == 4 and int(idx.max()) < limit
+
+
+def test_rows_window_rotates_through_every_row():
+    for side in ("left", "right"):  # the window runs over rows whatever the side rule says
+        seen = set()
+        for refresh in range(3):
+            seen |= set(projection.coordinate_index("rows", (6, 9), 2, side, seed=0, refresh=refresh,
+                                                    device=torch.device("cpu")).tolist())
+        assert seen == set(range(6))
+
+
+def test_stagger_spreads_refreshes_and_off_reproduces_original_timing():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(8, 12)) for _ in range(4)]
+    for stagger, expected in ((False, [0, 0, 0, 0]), (True, [0, 2, 5, 7])):
+        opt = GaLoreAdamW([{"params": weights, "rank": 2, "update_proj_gap": 10}], stagger=stagger)
+        offsets = [opt.projector(w, opt.param_groups[0]).offset for w in weights]
+        assert offsets == expected
+        refresh_steps = {
+            i: [t for t in range(1, 30) if opt.projector(w, opt.param_groups[0]).refresh_due({"proj_refresh": 0}, t)]
+            for i, w in enumerate(weights)
+        }
+        if stagger:  # no step after the first recomputes every projector
+            all_steps = [t for ts in refresh_steps.values() for t in ts]
+            assert max(all_steps.count(t) for t in set(all_steps)) == 1
+        else:
+            assert all(ts == [10, 20] for ts in refresh_steps.values())
+
+
+def _run_one_step_with(monkeypatch, svd_behaviour, eigh_behaviour=None):
+    projection._warned.clear()
+    if svd_behaviour is not None:
+        monkeypatch.setattr(torch.linalg, "svd", svd_behaviour)
+    if eigh_behaviour is not None:
+        monkeypatch.setattr(torch.linalg, "eigh", eigh_behaviour)
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(8, 12))
+    opt = GaLoreAdamW([{"params": [W], "rank": 3, "update_proj_gap": 2}], lr=0.1, stagger=False)
+    G = low_rank_matrix(8, 12, 3, seed=1)
+    with pytest.warns(RuntimeWarning) as record:
+        for _ in range(5):  # three refreshes: the warning must come once
+            W.grad = G.clone()
+            opt.step()
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    assert torch.isfinite(W).all()
+    return opt.state[W]["proj_P"], G
+
+
+def test_svd_error_falls_back_to_eigh_with_one_warning(monkeypatch):
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("svd did not converge")
+
+    P, G = _run_one_step_with(monkeypatch, failing_svd)
+    U = torch.linalg.qr(G.double() @ torch.randn(12, 3, dtype=torch.float64)).Q  # same dominant space
+    ref = projection.eigh_basis(G, 3, "left").double()
+    torch.testing.assert_close(span_projector(P.double()), span_projector(ref), atol=1e-5, rtol=0)
+    assert (span_projector(P.double()) - span_projector(U)).abs().max() < 1e-2
+
+
+def test_nan_svd_and_failed_eigh_keep_weights_finite(monkeypatch):
+    def nan_svd(A, full_matrices=False):
+        m, n = A.shape
+        k = min(m, n)
+        nan = torch.full((), float("nan"))
+        return torch.full((m, k), nan), torch.full((k,), nan), torch.full((k, n), nan)
+
+    def failing_eigh(*args, **kwargs):
+        raise torch.linalg.LinAlgError("eigh failed")
+
+    P, _ = _run_one_step_with(monkeypatch, nan_svd, failing_eigh)
+    assert torch.isfinite(P).all()  # a seeded random projector, then kept at later failed refreshes
+    torch.testing.assert_close(P.t() @ P, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_projector_state_holds_only_tensors_and_numbers():
+    proj = Projector(kind="svd", shape=(8, 12), rank=3, side="left", gap=5)
+    state = {}
+    proj.refresh(low_rank_matrix(8, 12, 3), state)
+    assert set(state) == {"proj_P", "proj_refresh", "proj_seed"}
+    assert isinstance(state["proj_P"], torch.Tensor) and isinstance(state["proj_refresh"], int)

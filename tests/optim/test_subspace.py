@@ -1,0 +1,215 @@
+"""The composable engine: composition, resume across a refresh, state-dict contents, bad input."""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from scrimp.optim import FrugalAdamW, GaLoreAdamW, GaLoreAdamW8bit, SubspaceAdamW
+from scrimp.optim.projection import PROJECTORS
+
+
+def galore_float64_reference(W0, grads, *, rank, gap, lr, scale, betas=(0.9, 0.999), eps=1e-6):
+    """GaLore (Zhao et al., 2024, Alg. 1) written out in float64 for a single (m, n) weight, m < n."""
+    W = W0.double().clone()
+    b1, b2 = betas
+    m = v = P = None
+    for t, G in enumerate(grads):
+        G = G.double()
+        if t % gap == 0:
+            P = torch.linalg.svd(G, full_matrices=False)[0][:, :rank]
+        R = P.t() @ G
+        m = (1 - b1) * R if m is None else b1 * m + (1 - b1) * R
+        v = (1 - b2) * R * R if v is None else b2 * v + (1 - b2) * R * R
+        step = t + 1
+        N = m / (v.sqrt() + eps) * math.sqrt(1 - b2**step) / (1 - b1**step)
+        W -= lr * scale * (P @ N)
+    return W
+
+
+def test_residual_none_equals_galore_reference():
+    torch.manual_seed(0)
+    # a gradient stream with a clear spectral gap so the top-r subspace is well defined
+    U, V = torch.linalg.qr(torch.randn(10, 10)).Q, torch.linalg.qr(torch.randn(16, 16)).Q
+    grads = [U[:, :6] @ torch.diag(torch.tensor([8.0, 6, 4, 1, 0.5, 0.2]) * (1 + 0.1 * t)) @ V[:, :6].t()
+             + 0.01 * torch.randn(10, 16) for t in range(12)]
+    W = torch.nn.Parameter(torch.randn(10, 16))
+    expect = galore_float64_reference(W.detach(), grads, rank=3, gap=5, lr=1e-2, scale=0.5)
+    opt = SubspaceAdamW([{"params": [W], "rank": 3}], lr=1e-2, update_proj_gap=5, scale=0.5, stagger=False,
+                        projector="svd", residual=None)
+    for G in grads:
+        W.grad = G.clone()
+        opt.step()
+    torch.testing.assert_close(W.detach().double(), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("projector", [p for p in PROJECTORS if p not in ("blocks",)])
+@pytest.mark.parametrize("residual", [None, "sign_sgd", "sgd", "scaled"])
+def test_every_projector_and_residual_reduces_a_regression_loss(projector, residual):
+    torch.manual_seed(0)
+    X = torch.randn(96, 16)
+    Y = X @ torch.randn(16, 12) * 0.3
+    W = torch.nn.Parameter(torch.zeros(16, 12))
+    group = {"params": [W], "rank": 0 if projector == "none" else 6}
+    if projector in ("full",):
+        group = {"params": [W], "density": 1.0}
+    opt = SubspaceAdamW([group], lr=5e-2, update_proj_gap=4, projector=projector, residual=residual,
+                        residual_lr_scale=0.2 if residual == "sign_sgd" else 1.0, allow_empty_subspace=True)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = ((X @ W - Y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    if projector == "none" and residual is None:
+        assert losses[-1] == losses[0]  # no state and no rule: nothing moves
+    else:
+        assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.ReLU(), torch.nn.Linear(24, 10),
+                               torch.nn.ReLU(), torch.nn.Linear(10, 3))
+
+
+def _train(model, opt, steps, start=0):
+    for t in range(start, start + steps):
+        g = torch.Generator().manual_seed(100 + t)
+        x, y = torch.randn(16, 12, generator=g), torch.randn(16, 3, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+OPTIMIZERS = {
+    "galore-svd": lambda groups: GaLoreAdamW(groups, lr=1e-2, update_proj_gap=4),
+    "galore-rsvd": lambda groups: GaLoreAdamW(groups, lr=1e-2, update_proj_gap=4, projector="rsvd"),
+    "galore-random": lambda groups: GaLoreAdamW(groups, lr=1e-2, update_proj_gap=4, projector="random"),
+    "galore-8bit": lambda groups: GaLoreAdamW8bit(groups, lr=1e-2, update_proj_gap=4),
+    "frugal-randk": lambda groups: FrugalAdamW(groups, lr=1e-2, update_gap=4, proj_type="randk"),
+    "frugal-blocks": lambda groups: FrugalAdamW(groups, lr=1e-2, update_gap=4, proj_type="blocks"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_resume_across_refresh_is_bit_identical_and_loads_weights_only(name, tmp_path):
+    def groups(model):
+        key = "density" if name.startswith("frugal") else "rank"
+        value = 0.5 if key == "density" else 4
+        return [{"params": [model[0].weight, model[2].weight], key: value},
+                {"params": [model[0].bias, model[2].bias, model[4].weight, model[4].bias]}]
+
+    def make_model():
+        if name == "galore-8bit":  # wide enough that the moments are really quantized (>= 4096 entries)
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(12, 400), torch.nn.ReLU(), torch.nn.Linear(400, 10),
+                                       torch.nn.ReLU(), torch.nn.Linear(10, 3))
+        return _model()
+
+    reference = make_model()
+    opt = OPTIMIZERS[name](groups(reference))
+    _train(reference, opt, 11)  # refreshes at steps 0, 4, 8 (+ staggered offsets)
+
+    resumed = make_model()
+    first = OPTIMIZERS[name](groups(resumed))
+    _train(resumed, first, 6)
+    path = tmp_path / "opt.pt"
+    torch.save({"opt": first.state_dict(), "model": resumed.state_dict()}, path)
+    blob = torch.load(path, weights_only=True)
+    model2 = make_model()
+    model2.load_state_dict(blob["model"])
+    second = OPTIMIZERS[name](groups(model2))
+    second.load_state_dict(blob["opt"])
+    _train(model2, second, 5, start=6)
+    for a, b in zip(model2.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_holds_only_tensors_numbers_and_strings():
+    model = _model()
+    opt = GaLoreAdamW([{"params": [model[0].weight], "rank": 3, "projector": "random"},
+                       {"params": [model[0].bias]}])
+    _train(model, opt, 2)
+
+    def check(value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                assert isinstance(k, (str, int))
+                check(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                check(v)
+        else:
+            assert value is None or isinstance(value, (torch.Tensor, int, float, str, bool)), type(value)
+
+    sd = opt.state_dict()
+    check(sd)
+    state = sd["state"][0]
+    assert "proj_P" not in state and isinstance(state["proj_seed"], int)  # random projector: the seed only
+
+
+def test_fused_off_or_auto_on_cpu_never_imports_kernels():
+    sys.modules.pop("scrimp.optim.kernels", None)
+    model = _model()
+    for fused in (None, False):
+        _train(model, GaLoreAdamW([{"params": [model[0].weight], "rank": 3}], fused=fused), 2)
+    assert "scrimp.optim.kernels" not in sys.modules
+
+
+BAD_INPUTS = [
+    (lambda W, b: GaLoreAdamW([{"params": [W], "rank": 8}]), r"rank must be below min\(m, n\) = 8"),
+    (lambda W, b: GaLoreAdamW([{"params": [W], "rank": 12}]), r"rank must be below min\(m, n\) = 8"),
+    (lambda W, b: GaLoreAdamW([{"params": [W], "rank": 2, "proj_type": "diag"}]), "proj_type must be one of"),
+    (lambda W, b: FrugalAdamW([{"params": [W]}], proj_type="diag", density=0.5), "proj_type must be one of"),
+    (lambda W, b: FrugalAdamW([{"params": [W], "density": 0.0}]), r"density must be in \(0, 1\]"),
+    (lambda W, b: FrugalAdamW([{"params": [W], "density": 1.5}]), r"density must be in \(0, 1\]"),
+    (lambda W, b: GaLoreAdamW([{"params": [b], "rank": 2}]), "projection needs 2-D parameters"),
+    (lambda W, b: FrugalAdamW([{"params": [b], "density": 0.5}]), "projection needs 2-D parameters"),
+    (lambda W, b: GaLoreAdamW([W], lr=-1e-3), "lr must be a number >= 0"),
+    (lambda W, b: FrugalAdamW([{"params": [W], "density": 0.5}], lr=-1.0), "lr must be a number >= 0"),
+    (lambda W, b: FrugalAdamW([{"params": [W], "density": 0.5}], inactive_update_rule="adam"),
+     "inactive_update_rule must be one of"),
+    (lambda W, b: SubspaceAdamW([{"params": [W], "rank": 2}], projector="qr"), "projector must be one of"),
+]
+
+
+@pytest.mark.parametrize("make,message", BAD_INPUTS)
+def test_bad_input_raises_one_clear_sentence_before_any_step(make, message):
+    W = torch.nn.Parameter(torch.randn(8, 12))
+    b = torch.nn.Parameter(torch.randn(12))
+    before = W.detach().clone()
+    with pytest.raises(ValueError, match=message):
+        make(W, b)
+    assert torch.equal(W, before)
+
+
+def test_bf16_weights_keep_fp32_state_and_follow_the_fp32_run():
+    torch.manual_seed(0)
+    W32 = torch.nn.Parameter(torch.randn(16, 24))
+    W16 = torch.nn.Parameter(W32.detach().to(torch.bfloat16))
+    o32 = GaLoreAdamW([{"params": [W32], "rank": 4}], lr=1e-2)
+    o16 = GaLoreAdamW([{"params": [W16], "rank": 4}], lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        G = torch.randn(16, 24, generator=g)
+        W32.grad, W16.grad = G.clone(), G.to(torch.bfloat16)
+        o32.step()
+        o16.step()
+    state = o16.state[W16]
+    assert W16.dtype == torch.bfloat16 and state["exp_avg"].dtype == torch.float32
+    assert state["proj_P"].dtype == torch.float32
+    torch.testing.assert_close(W16.float(), W32.detach(), atol=3e-2, rtol=0)
+
+
+def test_fused_true_on_cpu_matches_the_torch_path():
+    pytest.importorskip("scrimp.optim.kernels")
+    models = [_model(), _model()]
+    opts = [GaLoreAdamW([{"params": [m[0].weight, m[2].weight], "rank": 3}, {"params": [m[4].weight]}],
+                        lr=1e-2, fused=fused) for m, fused in zip(models, (True, False))]
+    for m, o in zip(models, opts):
+        _train(m, o, 4)
+    for a, b in zip(*[m.parameters() for m in models]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

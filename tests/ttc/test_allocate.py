@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from scrimp.ttc.allocate import fit_compute_optimal, run_policy
+from scrimp.ttc.crossfit import replay_run, split_folds, uniform_exact
+from scrimp.ttc.generate import ReplayGenerator
+
+B = 8
+
+
+def test_sequential_reaches_uniform_accuracy_with_fewer_samples(esc_prompts):
+    # default (untuned) parameters; uniform is the exact expectation maj@8 over all 8-subsets
+    acc, spent = replay_run(esc_prompts, "sequential", B, {}, repeats=2, seed=0)
+    assert acc.mean() >= uniform_exact(esc_prompts, B).mean()
+    assert spent.mean() < 0.9 * B
+
+
+def _outcome(esc_prompts, policy, seed, **params):
+    gen = ReplayGenerator(esc_prompts, seed=seed)
+    return run_policy(policy, gen, [p.id for p in esc_prompts], B, seed=seed, **params)
+
+
+@pytest.mark.parametrize("policy", ["uniform", "knapsack", "sequential", "oracle", "compute_optimal"])
+def test_spend_never_exceeds_budget_and_is_reproducible(esc_prompts, policy):
+    calib_idx, eval_idx = split_folds(len(esc_prompts), 2, seed=0)
+    evaluation = [esc_prompts[i] for i in eval_idx]
+    params = {}
+    if policy == "oracle":
+        params["prompts"] = evaluation
+    if policy == "compute_optimal":
+        params["plan"] = fit_compute_optimal([esc_prompts[i] for i in calib_idx], pilot=2, repeats=2)
+    a = _outcome(evaluation, policy, 3, **params)
+    b = _outcome(evaluation, policy, 3, **params)
+    assert a.spent.sum() <= B * len(evaluation) and a.budget == B * len(evaluation)
+    assert a.answers == b.answers and np.array_equal(a.spent, b.spent)
+    assert np.all(a.spent <= 40)
+
+
+def test_bad_inputs(esc_prompts):
+    ids = [p.id for p in esc_prompts[:4]]
+    gen = ReplayGenerator(esc_prompts[:4])
+    with pytest.raises(ValueError, match="policy must be one of"):
+        run_policy("greedy", gen, ids, 4)
+    with pytest.raises(ValueError, match="below the pilot cost"):
+        run_policy("sequential", gen, ids, 1.5, pilot=2)
+    with pytest.raises(ValueError, match="budget must be a positive number"):
+        run_policy("uniform", gen, ids, -1)
+    with pytest.raises(ValueError, match="recorded samples left"):
+        gen.sample([ids[0]], 41)
+
+
+def test_expected_mode_majority_matches_simulation():
+    from scrimp.ttc.allocate import expected_mode_majority
+
+    counts = np.array([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    ks = np.array([1, 3, 5])
+    got = expected_mode_majority(counts, ks, prior=0.5, draws=2000)
+    # reference: simulate theta ~ Dirichlet, k votes, plurality with random tie-break, == argmax theta
+    rng = np.random.default_rng(1)
+    for row, values in zip(counts, got):
+        theta = rng.dirichlet(row + 0.5, size=20000)
+        for k, value in zip(ks, values):
+            votes = np.stack([rng.multinomial(k, t) for t in theta[:4000]])
+            top = votes.max(1, keepdims=True)
+            winners = votes == top
+            hit = winners[np.arange(4000), theta[:4000].argmax(1)] / winners.sum(1)
+            assert value == pytest.approx(hit.mean(), abs=0.03)
+
+
+def test_sequential_gain_priority_respects_budget(esc_prompts):
+    prompts = esc_prompts[:60]
+    gen = ReplayGenerator(prompts, seed=0)
+    out = run_policy("sequential", gen, [p.id for p in prompts], 3, priority="gain", threshold=0.99, seed=0)
+    assert out.spent.sum() <= 3 * 60 and out.spent.min() >= 2
+    with pytest.raises(ValueError, match="priority must be"):
+        run_policy("sequential", ReplayGenerator(prompts), [p.id for p in prompts], 3, priority="max")

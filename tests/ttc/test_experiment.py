@@ -1,0 +1,56 @@
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments.ttc import run
+from scrimp.ttc.replay import shared_data_dir
+
+
+def _cfg(*overrides):
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "ttc"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_entry_point_writes_summary_csv_and_plot(tmp_path):
+    cfg = _cfg("policy=sequential", "budget=4", "curve_budgets=[2,4]", "repeats=1", "tune_repeats=1",
+               "n_boot=100", "policy.space=[{rule:[beta],pilot:[2],threshold:[0.9]}]")
+    summary = run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["accuracy"] == pytest.approx(summary["accuracy"])
+    assert saved["spend"] <= 4 and (tmp_path / "curve.csv").is_file() and (tmp_path / "curve.png").stat().st_size > 0
+    assert saved["accuracy_ci"][0] <= saved["accuracy"] <= saved["accuracy_ci"][1]
+
+
+def test_unknown_policy_is_one_clear_error(tmp_path):
+    cfg = _cfg("policy.name=greedy")
+    with pytest.raises(ValueError, match="policy.name must be one of"):
+        run(cfg, tmp_path)
+
+
+def test_optuna_sweep_scores_the_tuning_split_only(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import optuna
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "experiments.ttc", "-m", "hparams_search=sequential_optuna",
+           "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}", "tune_repeats=1"]
+    subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True, timeout=120)
+    study = optuna.load_study(study_name="ttc_sequential", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert len(study.trials) == 2
+    # the objective is the accuracy on fold 0's calibration part: recompute it independently
+    from scrimp.ttc.crossfit import replay_run, split_folds
+    from scrimp.ttc.replay import convert_esc
+
+    prompts = convert_esc(shared_data_dir() / "ttc" / "esc_gpt35_last_letters_t0.7.jsonl")
+    calib_idx = [i for i in range(len(prompts)) if i not in set(split_folds(len(prompts), 2, 0)[0])]
+    trial = study.trials[0]
+    params = {"rule": "beta", **{k.split(".")[-1]: v for k, v in trial.params.items()}}
+    acc, _ = replay_run([prompts[i] for i in calib_idx], "sequential", 4, params, repeats=1, seed=0)
+    assert trial.value == pytest.approx(acc.mean())
