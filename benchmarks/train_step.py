@@ -10,8 +10,8 @@ in one process:
   same work through ``lightning.Trainer`` + ``CausalLMModule`` on the same model init, batches and
   optimizer; tokens/s of each (first step excluded), best of ``ROUNDS`` alternating rounds, and the ratio;
 - memory by category after a step: parameters, gradients, optimizer state
-  (``scrimp.optim.memory.state_bytes``) and the peak of live tensor bytes during one step
-  (``scrimp.profiling.track_live_bytes``).
+  (``scrimp.optim.memory.state_bytes``) and the peak tensor bytes of the first step: params plus the
+  peak allocated during it (``scrimp.profiling.track_live_bytes``).
 Prints a markdown table. Data: the stdlib corpus slice (200 files), byte-level BPE with 4096 tokens
 (so llama_60m's embeddings are 4096 x 512 here, not the paper's 32000 x 512).
 """
@@ -19,6 +19,7 @@ Prints a markdown table. Data: the stdlib corpus slice (200 files), byte-level B
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import time
@@ -103,18 +104,22 @@ def lightning_loop(module, loader, steps: int) -> float:
 
 
 def memory_by_category(model, optimizer, batch) -> dict[str, int]:
-    """Params, grads and optimizer state after one step; peak live tensor bytes during that step."""
-    with track_live_bytes() as report:
+    """Params, grads and optimizer state after the first step; the step's peak = params + the peak of
+    bytes allocated during it (grads, activations, optimizer state, temporaries), so tensors left
+    alive by earlier cases in this process do not count."""
+    gc.collect()
+    with track_live_bytes(include_baseline=False) as report:
         ids = batch["input_ids"]
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     optimizer.zero_grad(set_to_none=True)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
-        "params": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "params": params,
         "grads": grads,
         "optimizer_state": state_bytes(optimizer)["total"],
-        "peak_live": report.peak_bytes,
+        "peak_live": params + report.peak_delta_bytes,
     }
 
 
@@ -126,6 +131,9 @@ def run_case(model_name: str, optim_name: str, blocks, vocab: int) -> dict:
     def loader():
         return BlockStreamLoader(blocks[:, :block], batch, steps + 1, seed=0)
 
+    model = build_model(model_name, vocab_size=vocab, seed=0)
+    memory = memory_by_category(model, build(optim_cfg, model), next(iter(loader())))
+    del model
     # Rounds alternate Lightning and bare on fresh models; the best of each side is kept, so a burst of
     # load from other processes on the shared machine does not decide the ratio.
     lightning_runs, bare_runs = [], []
@@ -137,9 +145,6 @@ def run_case(model_name: str, optim_name: str, blocks, vocab: int) -> dict:
         model = build_model(model_name, vocab_size=vocab, seed=0)
         bare_runs.append(bare_loop(model, build(optim_cfg, model), loader(), steps))
     lightning_tps, bare_tps = max(lightning_runs), max(bare_runs)
-    model = build_model(model_name, vocab_size=vocab, seed=0)
-    optimizer = build(optim_cfg, model)
-    memory = memory_by_category(model, optimizer, next(iter(loader())))
     return {"model": model_name, "optim": optim_name, "bare": bare_tps, "lightning": lightning_tps,
             "overhead": bare_tps / lightning_tps - 1.0, **memory}
 
@@ -170,7 +175,7 @@ def main() -> None:
           "(first step excluded); memory in MiB")
     print()
     print("| model | optimizer | bare loop tokens/s | Lightning tokens/s | Lightning overhead | params | grads "
-          "| optimizer state | peak live tensors (one step) |")
+          "| optimizer state | peak, first step |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['optim']} | {r['bare']:.0f} | {r['lightning']:.0f} | {100 * r['overhead']:+.1f}% "

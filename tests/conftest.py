@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Without CUDA, Triton kernels run in its interpreter. Triton reads this when a kernel is
+# decorated, so it must be set before any test module imports scrimp.optim.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Deterministic CPU math for parity tests; two threads match the CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -11,7 +11,7 @@ search strategies, per-prompt budget policies, and honest evaluation.
 Modules: ``generate`` (Generator protocol, HFGenerator, VLLMGenerator, ReplayGenerator), ``replay``
 (canonical JSONL, ESC converter), ``verify`` (extraction, normalization, reward-model scorers),
 ``strategies`` (best-of-N, majority, weighted majority, beam, adaptive beam, DVTS), ``stopping``
-(Adaptive-Consistency and ESC rules), ``allocate`` (uniform, oracle, knapsack, sequential,
+(Adaptive-Consistency, ESC and Dirichlet cap-majority rules), ``allocate`` (uniform, oracle, knapsack, sequential,
 compute_optimal), ``evaluate`` (unbiased pass@k / maj@k, bootstrap, curves, savings), ``crossfit``
 (hyper-parameters chosen on calibration folds, reported on disjoint ones).
 """

@@ -7,9 +7,10 @@ Policies (all spend at most ``floor(B * prompts)`` samples, counting pilots):
 - ``knapsack``: pilot samples -> Dirichlet (voting) or Beta (coverage) posterior per prompt ->
   ``scrimp.allocators.allocate_counts`` on the expected utility -> spend (Knapsack RL, Li et al. 2025,
   generalized from training rollouts to inference).
-- ``sequential``: rounds of allocate / sample / update with early stopping (Adaptive-Consistency Beta
-  rule, Aggarwal et al. 2023; ESC window rule, Li et al. 2024); the budget a stopped prompt does not
-  use stays in the pool for the prompts still open, most uncertain first.
+- ``sequential``: rounds of allocate / sample / update with early stopping (the Dirichlet cap-majority
+  rule, the default; Adaptive-Consistency Beta rule, Aggarwal et al. 2023; ESC window rule, Li et al.
+  2024); the budget a stopped prompt does not use stays in the pool for the prompts still open, most
+  uncertain first.
 - ``compute_optimal``: Snell et al. (2024): difficulty bins from pilot statistics; the best option per
   bin under the budget is chosen on a calibration split (see ``fit_compute_optimal``) and applied to a
   disjoint evaluation split.

@@ -74,3 +74,17 @@ def test_sequential_gain_priority_respects_budget(esc_prompts):
     assert out.spent.sum() <= 3 * 60 and out.spent.min() >= 2
     with pytest.raises(ValueError, match="priority must be"):
         run_policy("sequential", ReplayGenerator(prompts), [p.id for p in prompts], 3, priority="max")
+
+
+def test_sequential_dirichlet_stops_exactly_when_the_rule_fires(esc_prompts):
+    from scrimp.ttc.stopping import answer_counts, cap_majority_probability
+
+    prompts, cap, tau, prior = esc_prompts[:80], 12, 0.9, 0.5
+    out = run_policy("sequential", ReplayGenerator(prompts, seed=1), [p.id for p in prompts], 40, seed=1,
+                     rule="dirichlet", threshold=tau, prior=prior, pilot=2, k_max=cap)
+    assert out.spent.max() <= cap and out.spent.min() >= 2
+    for held in out.samples:  # the budget does not bind here: each prompt stops at its first crossing
+        answers = [s.answer for s in held]
+        conf = [cap_majority_probability(answer_counts(answers[:n]), n, cap, prior) for n in range(2, len(held) + 1)]
+        assert len(held) == cap or conf[-1] >= tau
+        assert all(c < tau for c in conf[:-1])

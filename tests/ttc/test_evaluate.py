@@ -53,5 +53,41 @@ def test_budget_to_reach_and_savings():
     base = np.full(50, 0.8)
     spend = np.tile([1.0, 2.0, 4.0], (50, 1))
     corr = np.tile([0.6, 0.8, 0.9], (50, 1))
-    ratio, lo, hi = savings_at_equal_accuracy(base, 16, spend, corr, n_boot=50)
-    assert ratio == pytest.approx(8.0) and lo == pytest.approx(8.0) and hi == pytest.approx(8.0)
+    s = savings_at_equal_accuracy(base, 16, spend, corr, n_boot=50)
+    assert s.ratio == pytest.approx(8.0) and s.low == pytest.approx(8.0) and s.high == pytest.approx(8.0)
+    assert s.reached and s.censored == 0.0 and not s.low_is_upper_bound
+
+
+def test_savings_interval_with_censored_resamples():
+    # The policy's last point has exactly the baseline's accuracy, on other prompts: about half of the
+    # paired resamples reach their target, the others do not (censored).
+    rng = np.random.default_rng(3)
+    n = 60
+    base = rng.random(n) < 0.8
+    other = rng.permutation(base).astype(float)
+    spend = np.tile([1.0, 2.0, 4.0], (n, 1))
+    corr = np.stack([0.5 * other, 0.9 * other, other], axis=1)
+    got = savings_at_equal_accuracy(base.astype(float), 16, spend, corr, n_boot=300, seed=5)
+    # reference: the same resamples, each solved by interpolating the resampled curve by hand
+    draws = np.random.default_rng(5)
+    values, hit = [], []
+    for _ in range(300):
+        idx = draws.integers(0, n, n)
+        target, curve = base[idx].mean(), corr[idx].mean(0)
+        reach = [j for j in range(3) if curve[j] >= target - 1e-12]
+        if not reach:
+            values.append(16 / 4.0)
+            hit.append(False)
+            continue
+        j = reach[0]
+        need = 1.0 if j == 0 else np.interp(target, curve[j - 1 : j + 1], spend[0, j - 1 : j + 1])
+        values.append(16 / need)
+        hit.append(True)
+    values, hit = np.array(values), np.array(hit)
+    assert 0.2 < got.censored == pytest.approx(1 - hit.mean()) and got.reached and got.ratio == pytest.approx(4.0)
+    assert got.low == pytest.approx(np.quantile(values, 0.025)) and got.high == pytest.approx(np.quantile(values, 0.975))
+    assert got.low_is_upper_bound == bool(np.any(~hit & (values >= got.low - 1e-12)))
+    assert got.low >= 16 / 4.0 - 1e-12  # never the meaningless 0x
+    never = savings_at_equal_accuracy(np.ones(n), 16, spend, corr * 0.5, n_boot=50)
+    assert not never.reached and never.ratio == pytest.approx(4.0) and never.low_is_upper_bound
+    assert str(never).startswith("<4.00x")

@@ -25,3 +25,47 @@ def test_rules():
     assert should_stop(["a"] * 6, "beta", threshold=0.9, prior=1.0, window=3)
     with pytest.raises(ValueError, match="rule must be one of"):
         should_stop(["a"], "vote", threshold=0.9, prior=1.0, window=3)
+
+
+def _cap_majority_monte_carlo(counts, drawn, horizon, prior, draws=100_000, seed=0):
+    """Reference: theta ~ Dirichlet(counts + prior, unseen class), the remaining samples multinomial,
+    the leader's share of the (evenly split) win of the final plurality vote."""
+    rng = np.random.default_rng(seed)
+    c = np.array([*counts, 0.0])
+    theta = rng.dirichlet(c + prior, size=draws)
+    rest = horizon - drawn
+    final = c + np.stack([rng.multinomial(rest, t) for t in theta])
+    winners = final == final.max(axis=1, keepdims=True)
+    return float((winners[:, 0] / winners.sum(axis=1)).mean())
+
+
+@pytest.mark.parametrize("counts, drawn, horizon, prior", [
+    ((2,), 2, 40, 0.5), ((2, 1), 3, 16, 0.5), ((3, 1, 1), 6, 10, 1.0), ((1, 1), 2, 6, 0.25), ((4, 2), 7, 12, 1.0),
+])
+def test_cap_majority_matches_monte_carlo(counts, drawn, horizon, prior):
+    from scrimp.ttc.stopping import cap_majority_probability
+
+    got = cap_majority_probability(counts, drawn, horizon, prior)
+    ref = _cap_majority_monte_carlo(counts, drawn, horizon, prior, draws=40_000)
+    assert got == pytest.approx(ref, abs=4 * np.sqrt(0.25 / 40_000) + 1e-3)
+
+
+def test_cap_majority_edges_and_rule():
+    from scrimp.ttc.stopping import answer_counts, cap_majority_probability
+
+    assert cap_majority_probability((3, 1), 4, 4) == 1.0  # at the cap the vote is decided
+    assert cap_majority_probability((2, 2), 4, 4) == 0.5  # a tie is split evenly
+    assert cap_majority_probability((), 2, 10) == 0.0  # no vote yet: no leader
+    assert answer_counts(["b", None, "a", "b"]) == (2, 1)
+    # more evidence for the leader can only raise the chance that it keeps the lead
+    assert cap_majority_probability((5,), 5, 40) > cap_majority_probability((2,), 2, 40)
+    assert should_stop(["a"] * 5, "dirichlet", threshold=0.95, prior=0.5, window=3, horizon=40)
+    assert not should_stop(["a", "b", "a"], "dirichlet", threshold=0.95, prior=0.5, window=3, horizon=40)
+    with pytest.raises(ValueError, match="needs horizon"):
+        should_stop(["a"], "dirichlet", threshold=0.9, prior=1.0, window=3)
+    with pytest.raises(ValueError, match="leader first"):
+        cap_majority_probability((1, 2), 3, 10)
+    with pytest.raises(ValueError, match="prior must be"):
+        cap_majority_probability((1,), 1, 10, prior=0.0)
+    with pytest.raises(ValueError, match="drawn"):
+        cap_majority_probability((3,), 2, 10)
