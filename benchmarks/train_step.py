@@ -7,7 +7,8 @@ For llama_tiny and llama_60m on the CPU, with adamw, galore and frugal (scrimp.o
 conf/optim defaults, GaLore/FRUGAL at rank = hidden/4 as in the GaLore paper), it measures side by side
 in one process:
 - a bare PyTorch loop (forward, backward, clip 1.0, optimizer step, LR schedule, zero_grad) and the
-  same work through ``lightning.Trainer`` + ``CausalLMModule`` on the same model init, batches and
+  same work through ``lightning.Trainer`` + ``CausalLMModule`` (with the run's
+  ``ThroughputMemoryCallback`` and ``log_every_n_steps=10``) on the same model init, batches and
   optimizer; tokens/s of each (first step excluded), best of ``ROUNDS`` alternating rounds, and the ratio;
 - memory by category after a step: parameters, gradients, optimizer state
   (``scrimp.optim.memory.state_bytes``) and the peak tensor bytes of the first step: params plus the
@@ -31,6 +32,7 @@ import torch
 from scrimp.optim import build
 from scrimp.optim.memory import state_bytes
 from scrimp.profiling import track_live_bytes
+from scrimp.training.callbacks import ThroughputMemoryCallback
 from scrimp.training.data import BlockStreamLoader, TextDataModule
 from scrimp.training.models import LLAMA_SIZES, build_model
 from scrimp.training.module import CausalLMModule
@@ -43,6 +45,7 @@ OPTIMIZERS = {
     "frugal": lambda hidden: {"name": "frugal", "lr": 1e-3, "density": 0.25, "update_gap": 200},
 }
 ROUNDS = 3
+LOG_EVERY_N_STEPS = 10  # conf/trainer/cpu.yaml
 SETTINGS = {  # model -> (block_size, batch_size, timed steps)
     "llama_tiny": (128, 8, 30),
     "llama_60m": (128, 4, 5),
@@ -96,7 +99,10 @@ class _FixedData(L.LightningDataModule):
 def lightning_loop(module, loader, steps: int) -> float:
     """Tokens/s of the same steps through ``lightning.Trainer``; the first step is not timed."""
     timer = _StepTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps + 1, logger=False, callbacks=[timer],
+    # What a real run carries per step: the throughput/memory callback and conf/trainer/cpu.yaml's
+    # log_every_n_steps (metrics are still computed, the loggers get them every 10 steps).
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps + 1, logger=False,
+                        callbacks=[ThroughputMemoryCallback(), timer], log_every_n_steps=LOG_EVERY_N_STEPS,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=_FixedData(loader))

@@ -426,8 +426,11 @@ class SubspaceAdamW(torch.optim.Optimizer):
             elif self._use_kernels(p, rule, write_back):
                 from . import kernels  # lazy: only when fused is on (Triton is heavy to import)
 
+                # fused=True asks for Triton explicitly (an error on a CPU tensor outside the
+                # interpreter); auto lets the kernels package choose.
+                backend = "triton" if self.fused is True else "auto"
                 kernels.projected_adam_step(p, grad, P, m, v, side=proj.side, residual=rule,
-                                            residual_lr_scale=rscale, **hyper)
+                                            residual_lr_scale=rscale, backend=backend, **hyper)
             else:
                 F.projected_adam_step_torch(p, grad, P, m, v, side=proj.side, residual=rule,
                                             residual_lr_scale=rscale, **hyper)
@@ -438,7 +441,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             _close_moments(state, m, v)
 
     def _use_kernels(self, p: Tensor, rule: str | None, eight_bit: bool) -> bool:
-        if self.fused is False or eight_bit or rule == "scaled":
+        if self.fused is False or eight_bit:
             return False
         if self.fused is None:
             return _kernels_available(p)

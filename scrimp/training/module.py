@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import lightning as L
 import torch
 
+from scrimp.training.callbacks import is_logging_step
 from scrimp.training.models import build_model
 from scrimp.training.schedule import WarmupCosineScheduler, check_schedule
 
@@ -160,28 +161,35 @@ class CausalLMModule(L.LightningModule):
             loss = self._zeroth_order_step(input_ids)
         else:
             loss = self._manual_step(input_ids)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
-        if self._trainer is not None and (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
-            # Only on the steps the logger writes: each self.log call costs per-step Python time.
+        if is_logging_step(self._trainer):
+            # Only on the steps the loggers write (and the last): each self.log call costs about 1 ms of
+            # Python per step, a few % of a small model's step (benchmarks/train_step.py).
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
             self.log("train/lr", self._current_lr(), on_step=True, on_epoch=False)
         return loss if self.mode == "automatic" else None
 
     def _zeroth_order_step(self, input_ids: torch.Tensor) -> torch.Tensor:
         opt = self.optimizers()
-        first: list[torch.Tensor] = []
+        probes: list[torch.Tensor] = []
 
         def closure():
+            # No finiteness check here: the ZO optimizer's contract is to skip a non-finite or
+            # non-scalar loss itself (warn, count in ``skipped``, weights untouched); raising here
+            # would stop the run before it can.
             with torch.no_grad():
                 loss = self(input_ids)
-            self._check_finite(loss, "zeroth-order probe")
-            if not first:
-                first.append(loss.detach())
+            probes.append(loss.detach())
             return loss
 
         returned = opt.step(closure=closure)
         self._step_scheduler()
-        loss = returned if isinstance(returned, torch.Tensor) else first[0]
-        return loss.detach()
+        skipped = getattr(self._optimizer, "skipped", None)
+        if skipped is not None and is_logging_step(self._trainer):
+            self.log("train/zo_skipped", float(skipped), on_step=True, on_epoch=False)
+        if isinstance(returned, torch.Tensor):
+            return returned.detach()
+        # Skipped step: report the first probe's loss (possibly non-finite, which is why it was skipped).
+        return probes[0] if probes else torch.tensor(float("nan"))
 
     def _manual_step(self, input_ids: torch.Tensor) -> torch.Tensor:
         opt = self.optimizers()
@@ -233,6 +241,8 @@ class CausalLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["scrimp"] = {"batches_seen": self.batches_seen, "optimizer_name": self.optimizer_name,
                                 "optim": self.optim_cfg}
+        if "optimizer_states" in checkpoint:
+            mark_zeroth_order_full_save(self._optimizer, checkpoint["optimizer_states"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("scrimp", {})
@@ -247,3 +257,22 @@ def check_checkpoint_optimizer(saved_name: str | None, current_name: str, where:
             f"{where} was written with optimizer {saved_name!r} but optim.name is {current_name!r}; "
             f"resume with optim={saved_name} or start a fresh run without ckpt_path"
         )
+
+
+def mark_zeroth_order_full_save(optimizer, optimizer_states: list) -> None:
+    """A full Lightning checkpoint (parameters + optimizer state) holds a ZO optimizer: empty its replay log.
+
+    Follows ``scrimp.optim.zo.checkpoint.save_full``: the (seed, projected gradient) log only has to
+    reach back to the last full save of the parameters (MeZO, Malladi et al. 2023, Sec. 2), so the
+    checkpoint stores an empty log and the optimizer forgets its own (``mark_full_save``); without
+    this the log, saved in every checkpoint, grows by one record per step forever. Called from
+    ``on_save_checkpoint``, when the checkpoint dict already holds the parameters and the state.
+    Weights-only checkpoints carry no optimizer state and leave the log alone.
+    """
+    mark = getattr(optimizer, "mark_full_save", None)
+    if not getattr(optimizer, "is_zeroth_order", False) or mark is None:
+        return
+    for state in optimizer_states:
+        if isinstance(state, dict) and isinstance(state.get("zo"), dict):
+            state["zo"] = dict(state["zo"], log=[])
+    mark()

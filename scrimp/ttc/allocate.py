@@ -34,6 +34,8 @@ from scrimp.ttc.stopping import RULES, answer_counts, beta_confidence, cap_major
 
 POLICIES = ("uniform", "oracle", "knapsack", "sequential", "compute_optimal")
 UTILITIES = ("majority", "coverage")
+# The cap-majority rule sums the vote at the cap exactly, O(answers x cap^3) per count signature.
+MAX_DIRICHLET_HORIZON = 1024
 
 
 @dataclass
@@ -277,6 +279,9 @@ def sequential(generator: Generator, ids: Sequence[str], budget: int, *, rng: np
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     cap = _capacity(generator, ids, k_max)
+    if rule == "dirichlet" and int(cap.max()) > MAX_DIRICHLET_HORIZON:
+        raise ValueError(f"rule='dirichlet' needs a finite cap per prompt (k_max <= {MAX_DIRICHLET_HORIZON}), "
+                         f"got k_max={k_max!r} with a generator that does not bound the samples")
     held: list[list[Sample]] = [[] for _ in ids]
     _draw(generator, ids, np.minimum(np.full(len(ids), pilot), cap), held)
     pool = budget - sum(len(h) for h in held)

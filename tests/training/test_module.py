@@ -8,6 +8,7 @@ import torch
 
 from scrimp.training.module import CausalLMModule, optimization_mode
 from scrimp.training.run import train
+from scrimp.training.schedule import WarmupCosineScheduler
 from training.test_run import train_losses
 
 
@@ -67,3 +68,64 @@ def test_non_finite_loss_stops_before_the_weights():
     module = CausalLMModule("llama_tiny", {"name": "adamw"}, vocab_size=64)
     with pytest.raises(FloatingPointError, match="loss is nan; stopping before it reaches the weights"):
         module._check_finite(torch.tensor(float("nan")), "training")
+
+
+# -- zeroth-order path --------------------------------------------------------------------------------
+class _NaNOnThirdBatch(CausalLMModule):
+    """The module with a forward that returns a NaN loss on the third training batch (both ZO probes)."""
+
+    def forward(self, input_ids):
+        loss = super().forward(input_ids)
+        return loss * float("nan") if self.training and self.batches_seen == 3 else loss
+
+
+def test_zeroth_order_non_finite_loss_is_skipped_not_fatal(tmp_path):
+    import lightning as L
+
+    torch.manual_seed(0)
+    blocks = torch.randint(0, 64, (6, 2, 16))
+    batches = [{"input_ids": b} for b in blocks]
+    module = _NaNOnThirdBatch("llama_tiny", {"name": "zo_sgd", "lr": 1e-3, "eps": 1e-3}, vocab_size=64,
+                              grad_clip=None)
+    reference = CausalLMModule("llama_tiny", {"name": "zo_sgd", "lr": 1e-3, "eps": 1e-3}, vocab_size=64,
+                               grad_clip=None)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert module.batches_seen == 6 and module._optimizer.skipped == 1 and module._optimizer.steps == 5
+    assert float(trainer.callback_metrics["train/zo_skipped"]) == 1.0
+    after = module.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # the other 5 steps did update
+    # Independent reference: the same optimizer driven by hand, skipping batch 3's update, same seeds.
+    opt = reference.build_optimizer()
+    schedule = WarmupCosineScheduler(opt, 0, 6, reference.hparams.min_lr_ratio)
+    for i, batch in enumerate(batches):
+        if i == 2:
+            opt.draws += 1  # a skipped attempt still consumes its seeds
+        else:
+            opt.step(lambda b=batch: reference(b["input_ids"]))
+        schedule.step()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, after[key]), key
+
+
+def test_zeroth_order_resume_equals_no_interrupt_and_log_is_cleared(small_cfg, tmp_path):
+    common = ["optim=zo_sgd", "optim.lr=1e-3", "optim.momentum=0.9", "trainer.max_steps=6",
+              "trainer.val_check_interval=3", "trainer.deterministic=true", "checkpoint.every_n_steps=3",
+              "checkpoint.keep=-1", "module.grad_clip=null"]
+    train(small_cfg(*common, run_dir=tmp_path / "full"))
+    ckpt = tmp_path / "full" / "checkpoints" / "step000003.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["zo"]
+    # A full save holds the parameters: the (seed, scalar) log restarts, the momentum window is kept.
+    assert saved["log"] == [] and saved["steps"] == 3 and len(saved["window"]) == 3
+    resumed = train(small_cfg(*common, f"ckpt_path={ckpt}", run_dir=tmp_path / "resumed"))
+    full, again = train_losses(tmp_path / "full"), train_losses(tmp_path / "resumed")
+    assert sorted(again) == [3, 4, 5] and resumed["steps"] == 6
+    assert [again[s] for s in range(3, 6)] == [full[s] for s in range(3, 6)]  # exact, not approximate
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["optimizer_states"][0]["zo"]["log"] == [] and a["optimizer_states"][0]["zo"]["steps"] == 6

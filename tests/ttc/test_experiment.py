@@ -51,6 +51,6 @@ def test_optuna_sweep_scores_the_tuning_split_only(tmp_path):
     prompts = convert_esc(shared_data_dir() / "ttc" / "esc_gpt35_last_letters_t0.7.jsonl")
     calib_idx = [i for i in range(len(prompts)) if i not in set(split_folds(len(prompts), 2, 0)[0])]
     trial = study.trials[0]
-    params = {"rule": "beta", **{k.split(".")[-1]: v for k, v in trial.params.items()}}
+    params = {"rule": "dirichlet", **{k.split(".")[-1]: v for k, v in trial.params.items()}}
     acc, _ = replay_run([prompts[i] for i in calib_idx], "sequential", 4, params, repeats=1, seed=0)
     assert trial.value == pytest.approx(acc.mean())
