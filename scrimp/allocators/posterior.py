@@ -21,6 +21,7 @@ from scrimp.allocators.utility import (
     _lgamma,
     majority_poissonized,
     majority_table,
+    tabulated_in_k,
 )
 
 
@@ -151,28 +152,20 @@ class DirichletPosterior:
         if not -n_cat <= correct_index < n_cat:
             raise ValueError(f"correct_index must index the {n_cat} answers; got {correct_index}")
         correct_index %= n_cat
-        k = _counts(k)
-        shape = np.broadcast_shapes(k.shape, self.alpha.shape[:-1])
-        flat = self.alpha.reshape(-1, n_cat)
-        which = np.broadcast_to(np.arange(flat.shape[0]).reshape(self.alpha.shape[:-1]), shape).ravel()
-        kk = np.broadcast_to(k, shape).ravel()
-        out = np.zeros(kk.shape)
-        small = kk <= exact_max_k
-        if small.any():
-            rows = np.unique(which[small])
-            k_top = int(kk[small].max())
-            table = np.zeros((flat.shape[0], k_top + 1))
-            table[rows] = _dirichlet_majority_table(flat[rows], correct_index, k_top)
-            out[small] = table[which[small], kk[small]]
-        if (~small).any():
+
+        def monte_carlo(kk: np.ndarray, alpha: np.ndarray) -> np.ndarray:
             rng = np.random.default_rng(seed)
-            big = np.flatnonzero(~small)
-            acc = np.zeros(big.size)
+            acc = np.zeros(kk.size)
             for _ in range(n_draws):
-                draws = rng.gamma(flat[which[big]])
-                acc += majority_poissonized(kk[big].astype(np.float64), draws / draws.sum(axis=1, keepdims=True), correct_index)
-            out[big] = acc / n_draws
-        return out.reshape(shape)
+                draws = rng.gamma(alpha)
+                acc += majority_poissonized(kk.astype(np.float64), draws / draws.sum(axis=1, keepdims=True), correct_index)
+            return acc / n_draws
+
+        return tabulated_in_k(
+            k, self.alpha, exact_max_k,
+            exact=lambda rows, k_top: _dirichlet_majority_table(rows, correct_index, k_top),
+            approximate=monte_carlo,
+        )
 
 
 def _dirichlet_majority_table(alpha: np.ndarray, correct_index: int, k_max: int, chunk: int = 64) -> np.ndarray:

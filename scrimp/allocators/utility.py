@@ -188,10 +188,26 @@ def majority(k, probs, correct_index: int = 0, exact_max_k: int = MAJORITY_EXACT
     correct_index %= n_cat
     if not np.allclose(probs.sum(axis=-1), 1.0, atol=1e-6):
         raise ValueError("probs must sum to 1 over the last axis (put the mass of unlisted answers in its own entry)")
+    return tabulated_in_k(
+        k, probs, exact_max_k,
+        exact=lambda rows, k_top: _multinomial_majority_table(rows, correct_index, k_top),
+        approximate=lambda kk, rows: majority_poissonized(kk.astype(np.float64), rows, correct_index),
+    )
+
+
+def tabulated_in_k(k, params: np.ndarray, exact_max_k: int, exact, approximate) -> np.ndarray:
+    """Evaluate a utility of k samples for categorical parameters ``params`` (..., C), k broadcast
+    with ``params[..., 0]``: ``exact(rows, k_top)`` tabulates k = 0..k_top once per distinct row for
+    every k <= exact_max_k, ``approximate(kk, rows)`` handles the larger k element-wise.
+
+    Shared by the majority utility and its Dirichlet expectation, which differ only in the table and
+    the large-k approximation.
+    """
     k = _counts(k)
-    shape = np.broadcast_shapes(k.shape, probs.shape[:-1])
-    flat = probs.reshape(-1, n_cat)
-    which = np.broadcast_to(np.arange(flat.shape[0]).reshape(probs.shape[:-1]), shape).ravel()
+    n_cat = params.shape[-1]
+    shape = np.broadcast_shapes(k.shape, params.shape[:-1])
+    flat = params.reshape(-1, n_cat)
+    which = np.broadcast_to(np.arange(flat.shape[0]).reshape(params.shape[:-1]), shape).ravel()
     kk = np.broadcast_to(k, shape).ravel()
     out = np.zeros(kk.shape)
     small = kk <= exact_max_k
@@ -199,10 +215,10 @@ def majority(k, probs, correct_index: int = 0, exact_max_k: int = MAJORITY_EXACT
         rows = np.unique(which[small])
         k_top = int(kk[small].max())
         table = np.zeros((flat.shape[0], k_top + 1))
-        table[rows] = _multinomial_majority_table(flat[rows], correct_index, k_top)
+        table[rows] = exact(flat[rows], k_top)
         out[small] = table[which[small], kk[small]]
     if (~small).any():
-        out[~small] = majority_poissonized(kk[~small].astype(np.float64), flat[which[~small]], correct_index)
+        out[~small] = approximate(kk[~small], flat[which[~small]])
     return out.reshape(shape)
 
 

@@ -100,24 +100,26 @@ def majority_vote(generator: Generator, prompt: str, n: int, rng: np.random.Gene
 
 def best_of_n(generator: Generator, prompt: str, n: int, scorer: OutcomeScorer) -> StrategyResult:
     """Sample n solutions, score each with an outcome reward model, return the best one's answer."""
-    _check_n(n)
-    samples = generator.sample([prompt], n)[0]
-    cost = Cost()
-    cost.add_generated(samples)
-    scores = scorer.score(prompt, [s.text for s in samples])
-    cost.verifier_calls += len(samples)
-    return StrategyResult(best_by_score([s.answer for s in samples], scores), cost, [s.text for s in samples])
+    answers, scores, cost, texts = _sample_and_score(generator, prompt, n, scorer)
+    return StrategyResult(best_by_score(answers, scores), cost, texts)
 
 
 def weighted_majority(generator: Generator, prompt: str, n: int, scorer: OutcomeScorer) -> StrategyResult:
     """Sample n solutions, score them, return the answer with the largest total score."""
+    answers, scores, cost, texts = _sample_and_score(generator, prompt, n, scorer)
+    return StrategyResult(weighted_vote(answers, scores), cost, texts)
+
+
+def _sample_and_score(generator: Generator, prompt: str, n: int, scorer: OutcomeScorer):
+    """n samples scored by an outcome reward model, with their exact cost (tokens and verifier calls)."""
     _check_n(n)
     samples = generator.sample([prompt], n)[0]
     cost = Cost()
     cost.add_generated(samples)
-    scores = scorer.score(prompt, [s.text for s in samples])
+    texts = [s.text for s in samples]
+    scores = scorer.score(prompt, texts)
     cost.verifier_calls += len(samples)
-    return StrategyResult(weighted_vote([s.answer for s in samples], scores), cost, [s.text for s in samples])
+    return [s.answer for s in samples], scores, cost, texts
 
 
 @dataclass
