@@ -9,7 +9,8 @@ in one process:
 - a bare PyTorch loop (forward, backward, clip 1.0, optimizer step, LR schedule, zero_grad) and the
   same work through ``lightning.Trainer`` + ``CausalLMModule`` (with the run's
   ``ThroughputMemoryCallback`` and ``log_every_n_steps=10``) on the same model init, batches and
-  optimizer; tokens/s of each (first step excluded), best of ``ROUNDS`` alternating rounds, and the ratio;
+  optimizer; tokens/s of each from the median step time (first step of each run excluded) over
+  ``ROUNDS`` alternating rounds, and the ratio;
 - memory by category after a step: parameters, gradients, optimizer state
   (``scrimp.optim.memory.state_bytes``) and the peak tensor bytes of the first step: params plus the
   peak allocated during it (``scrimp.profiling.track_live_bytes``).
@@ -23,6 +24,7 @@ import argparse
 import gc
 import math
 import os
+import statistics
 import time
 import warnings
 
@@ -52,11 +54,11 @@ SETTINGS = {  # model -> (block_size, batch_size, timed steps)
 }
 
 
-def bare_loop(model, optimizer, loader, steps: int) -> float:
-    """Tokens/s of a plain PyTorch training loop doing the module's work; the first step is not timed."""
+def bare_loop(model, optimizer, loader, steps: int) -> list[float]:
+    """Seconds of each step of a plain PyTorch loop doing the module's work; the first step is dropped."""
     scheduler = WarmupCosineScheduler(optimizer, 0, steps + 1, 0.1)
-    tokens, seconds = 0, 0.0
-    for i, batch in enumerate(loader):
+    times = []
+    for batch in loader:
         start = time.perf_counter()
         ids = batch["input_ids"]
         loss = model(input_ids=ids, labels=ids).loss
@@ -65,26 +67,19 @@ def bare_loop(model, optimizer, loader, steps: int) -> float:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        if i > 0:
-            tokens += ids.numel()
-            seconds += elapsed
-    return tokens / seconds
+        times.append(time.perf_counter() - start)
+    return times[1:]
 
 
 class _StepTimer(L.Callback):
     def __init__(self):
-        self.tokens, self.seconds, self.n = 0, 0.0, 0
+        self.times = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        elapsed = time.perf_counter() - self._t
-        self.n += 1
-        if self.n > 1:
-            self.tokens += batch["input_ids"].numel()
-            self.seconds += elapsed
+        self.times.append(time.perf_counter() - self._t)
 
 
 class _FixedData(L.LightningDataModule):
@@ -96,8 +91,8 @@ class _FixedData(L.LightningDataModule):
         return self.loader
 
 
-def lightning_loop(module, loader, steps: int) -> float:
-    """Tokens/s of the same steps through ``lightning.Trainer``; the first step is not timed."""
+def lightning_loop(module, loader, steps: int) -> list[float]:
+    """Seconds of each of the same steps through ``lightning.Trainer``; the first step is dropped."""
     timer = _StepTimer()
     # What a real run carries per step: the throughput/memory callback and conf/trainer/cpu.yaml's
     # log_every_n_steps (metrics are still computed, the loggers get them every 10 steps).
@@ -106,7 +101,7 @@ def lightning_loop(module, loader, steps: int) -> float:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=_FixedData(loader))
-    return timer.tokens / timer.seconds
+    return timer.times[1:]
 
 
 def memory_by_category(model, optimizer, batch) -> dict[str, int]:
@@ -140,8 +135,9 @@ def run_case(model_name: str, optim_name: str, blocks, vocab: int) -> dict:
     model = build_model(model_name, vocab_size=vocab, seed=0)
     memory = memory_by_category(model, build(optim_cfg, model), next(iter(loader())))
     del model
-    # Rounds alternate Lightning and bare on fresh models; the best of each side is kept, so a burst of
-    # load from other processes on the shared machine does not decide the ratio.
+    # Rounds alternate Lightning and bare on fresh models; each side's throughput is taken from its
+    # median step time over all rounds, so bursts of load from other processes on the shared machine
+    # (which hit single steps) do not decide the ratio.
     lightning_runs, bare_runs = [], []
     for _ in range(ROUNDS):
         module = CausalLMModule(model_name, optim=optim_cfg, vocab_size=vocab, seed=0, warmup_steps=0,
@@ -150,7 +146,9 @@ def run_case(model_name: str, optim_name: str, blocks, vocab: int) -> dict:
         lightning_runs.append(lightning_loop(module, loader(), steps))
         model = build_model(model_name, vocab_size=vocab, seed=0)
         bare_runs.append(bare_loop(model, build(optim_cfg, model), loader(), steps))
-    lightning_tps, bare_tps = max(lightning_runs), max(bare_runs)
+    tokens = batch * block
+    lightning_tps = tokens / statistics.median(t for run in lightning_runs for t in run)
+    bare_tps = tokens / statistics.median(t for run in bare_runs for t in run)
     return {"model": model_name, "optim": optim_name, "bare": bare_tps, "lightning": lightning_tps,
             "overhead": bare_tps / lightning_tps - 1.0, **memory}
 
@@ -178,7 +176,7 @@ def main() -> None:
             print(f"done {model_name} {optim_name}: {row['bare']:.0f} vs {row['lightning']:.0f} tokens/s", flush=True)
     print()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tokens/s over the timed steps "
-          "(first step excluded); memory in MiB")
+          "from the median step time (first step excluded); memory in MiB")
     print()
     print("| model | optimizer | bare loop tokens/s | Lightning tokens/s | Lightning overhead | params | grads "
           "| optimizer state | peak, first step |")

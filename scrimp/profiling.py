@@ -14,6 +14,7 @@ temporaries inside an op included, plus the bytes already live when tracking sta
 from __future__ import annotations
 
 import gc
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ def live_tensor_bytes(device: str = "cpu") -> int:
     """Bytes of the distinct storages of all tensors reachable by the garbage collector on ``device``."""
     seen: dict[int, int] = {}
     tensor_type = torch.Tensor
-    for obj in gc.get_objects():
+    with warnings.catch_warnings():
+        # isinstance on deprecated module-level proxies (torch.distributed.reduce_op) warns.
+        warnings.simplefilter("ignore", FutureWarning)
+        objects = [obj for obj in gc.get_objects() if isinstance(obj, tensor_type)]
+    for obj in objects:
         try:
-            if type(obj) is not tensor_type and not isinstance(obj, tensor_type):
-                continue
             if obj.device.type != device:
                 continue
             storage = obj.untyped_storage()
