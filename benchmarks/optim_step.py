@@ -8,7 +8,8 @@ The parameters are bare tensors of those shapes with fixed Gaussian gradients (n
 only the optimizer step is timed.
 
 Side by side in one run: torch AdamW (foreach and fused), bitsandbytes AdamW8bit,
-galore_torch.GaLoreAdamW, scrimp GaLoreAdamW (stagger on, and off), GaLoreAdamW8bit and
+galore_torch.GaLoreAdamW, scrimp GaLoreAdamW (stagger on, stagger on with the ``gram`` projector,
+and stagger off), GaLoreAdamW8bit and
 FrugalAdamW (RandK with as many state entries as rank r, signSGD residual). Per optimizer: state
 bytes, the projected matrices' state relative to AdamW's, the median step over non-refresh
 steps, the slowest step after the first (refresh steps included), and the first step (state
@@ -190,6 +191,8 @@ def optimizers(rank: int, gap: int):
     table += [
         ("scrimp GaLoreAdamW", False, lambda a, b: GaLoreAdamW(groups(a, b, **galore_group), lr=1e-3),
          our_refresh_steps),
+        ("scrimp GaLoreAdamW (projector=gram)", False,
+         lambda a, b: GaLoreAdamW(groups(a, b, **galore_group), lr=1e-3, projector="gram"), our_refresh_steps),
         ("scrimp GaLoreAdamW (stagger=False)", False,
          lambda a, b: GaLoreAdamW(groups(a, b, **galore_group), lr=1e-3, stagger=False), our_refresh_steps),
         ("scrimp GaLoreAdamW8bit", True, lambda a, b: GaLoreAdamW8bit(groups(a, b, **galore_group), lr=1e-3),
@@ -213,6 +216,8 @@ def bench_size(size: str, args, progress) -> tuple[str, list[Result]]:
     if size == "1b" and args.steps_1b:
         steps = args.steps_1b
     chosen = [o for o in optimizers(rank, args.gap) if not args.only or any(k in o[0] for k in args.only.split(","))]
+    if args.names:
+        chosen = [o for o in optimizers(rank, args.gap) if o[0] in args.names.split(";")]
     runner = run_sequential if (args.sequential or size == "1b") else run_interleaved
     load_before = os.getloadavg()[0]
     slow_steps = args.slow_steps_1b if size == "1b" else args.slow_steps
@@ -239,6 +244,11 @@ def markdown(label: str, results: list[Result]) -> str:
         lines.append(f"| {r.name} | {r.state / 2**20:.1f} | {st} | {r.proj_ratio:.3f} | {r.median_ms:.1f} | "
                      f"{r.slowest_ms:.1f} | {r.first_ms:.1f} | {r.steps} | {r.refresh_steps} | {rel} |")
     ours = next((r for r in results if r.name == "scrimp GaLoreAdamW"), None)
+    gram = next((r for r in results if r.name == "scrimp GaLoreAdamW (projector=gram)"), None)
+    if gram:
+        lines.append("")
+        lines.append(f"- scrimp GaLoreAdamW (projector=gram) slowest (after 1st) / own median: "
+                     f"{gram.slowest_ms / gram.median_ms:.2f}x (target <= 3x)")
     if ours:
         lines.append("")
         if ref:
@@ -260,6 +270,7 @@ def main() -> None:
     parser.add_argument("--slow-steps-1b", type=int, default=3, help="steps for the 8-bit paths at the 1B shapes")
     parser.add_argument("--layers-1b", type=int, default=2, help="LLaMA-1B blocks to keep (of 24)")
     parser.add_argument("--only", default="", help="comma list of name fragments to run")
+    parser.add_argument("--names", default="", help="semicolon list of exact optimizer names to run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sequential", action="store_true", help="one optimizer at a time (always for 1b)")
     args = parser.parse_args()

@@ -25,7 +25,7 @@ class GaLoreAdamW(SubspaceAdamW):
 
     Defaults follow galore-torch (lr 1e-3, betas (0.9, 0.999), eps 1e-6, no weight decay; group
     defaults update_proj_gap 200, scale 0.25, proj_type "std"). ``projector`` picks svd (default),
-    rsvd or random; ``fused`` selects the Triton kernels (None: on CUDA when triton imports).
+    gram (the same subspace from eigh of the fp32 Gram matrix: faster refreshes), rsvd or random; ``fused`` selects the Triton kernels (None: on CUDA when triton imports).
     """
 
     def __init__(

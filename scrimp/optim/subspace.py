@@ -199,7 +199,10 @@ class SubspaceAdamW(torch.optim.Optimizer):
     """AdamW whose projected groups keep moments in a subspace of each 2-D gradient (see module doc).
 
     ``fused``: None (auto: fused Triton kernels iff the parameter is on CUDA and triton imports),
-    True (always call ``scrimp.optim.kernels``), False (torch path). ``moments_8bit`` stores the
+    True (always call ``scrimp.optim.kernels``), False (torch path). The kernels take the dense
+    projected steps (svd/gram/rsvd/random) that get the full gradient, with any residual rule; the other
+    steps stay on the torch path whatever ``fused`` says: coordinate projectors, full/blocks/none,
+    layer-wise accumulated low-rank gradients, 8-bit moments and plain groups. ``moments_8bit`` stores the
     moments blockwise-quantized with bitsandbytes (Dettmers et al., 2022, "8-bit optimizers").
     ``allow_empty_subspace`` lets ``rank=0`` mean "no state at all" (FRUGAL's density -> 0 limit).
     """
@@ -423,7 +426,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             P = proj.matrix(state, p.device)
             if low_rank_grad is not None:
                 F.low_rank_adam_(p, low_rank_grad, P, m, v, side=proj.side, **hyper)
-            elif self._use_kernels(p, rule, write_back):
+            elif self._use_kernels(p, write_back):
                 from . import kernels  # lazy: only when fused is on (Triton is heavy to import)
 
                 # fused=True asks for Triton explicitly (an error on a CPU tensor outside the
@@ -440,7 +443,12 @@ class SubspaceAdamW(torch.optim.Optimizer):
         if write_back:
             _close_moments(state, m, v)
 
-    def _use_kernels(self, p: Tensor, rule: str | None, eight_bit: bool) -> bool:
+    def _use_kernels(self, p: Tensor, eight_bit: bool) -> bool:
+        """Whether a dense projected step with the full gradient goes to ``scrimp.optim.kernels``.
+
+        Every residual rule (None, "sign_sgd", "sgd", "scaled") is supported by the kernels; only
+        8-bit moments (not implemented there) keep the torch path.
+        """
         if self.fused is False or eight_bit:
             return False
         if self.fused is None:

@@ -20,6 +20,7 @@ def stepped(opt, params):
 # projector kind -> (projector bytes, moment bytes) for one (M, N) weight at rank R
 ANALYTIC = {
     "svd": (M * R * F32, 2 * R * N * F32),
+    "gram": (M * R * F32, 2 * R * N * F32),
     "rsvd": (M * R * F32, 2 * R * N * F32),
     "random": (0, 2 * R * N * F32),  # only the seed is stored
     "randperm": (0, 2 * R * N * F32),  # R random rows; indices regenerated from the seed

@@ -20,16 +20,44 @@ def low_rank_matrix(m, n, r, seed=0):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_svd_and_rsvd_span_the_top_singular_space(side):
+def test_svd_gram_and_rsvd_span_the_top_singular_space(side):
     G = low_rank_matrix(20, 30, 4)
     U, _, Vh = torch.linalg.svd(G.double())
     ref = U[:, :4] if side == "left" else Vh[:4].t()
     P = projection.svd_basis(G, 4, side)
+    E = projection.eigh_basis(G, 4, side, dtype=torch.float32)
     Q = projection.rsvd_basis(G, 4, side, seed=7, power_iters=2)
-    for basis in (P, Q):
+    for basis in (P, E, Q):
         torch.testing.assert_close(basis.t().double() @ basis.double(), torch.eye(4, dtype=torch.float64),
                                    atol=1e-5, rtol=0)
         torch.testing.assert_close(span_projector(basis.double()), span_projector(ref), atol=1e-4, rtol=0)
+
+
+def test_gram_basis_is_as_accurate_as_the_fp32_svd_on_a_decaying_spectrum():
+    # Singular values from 1 down to 1e-3 (the r-th near 0.1): the fp32 Gram squares them, so this
+    # is where it could lose to the SVD. Measured against a float64 SVD of the same fp32 matrix.
+    g = torch.Generator().manual_seed(5)
+    m, n, r = 96, 160, 24
+    U = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64)).Q
+    G = ((U * torch.logspace(0, -3, m, dtype=torch.float64)) @ V.t()).float()
+    ref = torch.linalg.svd(G.double(), full_matrices=False).U[:, :r]
+
+    def sin_angle(P):
+        cos = torch.linalg.svdvals(ref.t() @ P.double()).min()
+        return float((1 - cos**2).clamp(min=0).sqrt())
+
+    svd_err = sin_angle(projection.svd_basis(G, r, "left"))
+    gram_err = sin_angle(projection.eigh_basis(G, r, "left", dtype=torch.float32))
+    assert gram_err < max(10 * svd_err, 1e-4), (gram_err, svd_err)
+
+
+def test_gram_basis_signs_do_not_depend_on_the_solver():
+    G = low_rank_matrix(20, 30, 4, seed=2)
+    a = projection.eigh_basis(G, 4, "left", dtype=torch.float32)
+    b = projection.eigh_basis(-G, 4, "left", dtype=torch.float32)  # same Gram, same basis
+    assert torch.equal(a, b)
+    assert (a.gather(0, a.abs().argmax(0, keepdim=True)) > 0).all()
 
 
 def test_random_basis_is_orthonormal_and_seeded():

@@ -87,6 +87,7 @@ def _train(model, opt, steps, start=0):
 OPTIMIZERS = {
     "galore-svd": lambda groups: GaLoreAdamW(groups, lr=1e-2, update_proj_gap=4),
     "galore-rsvd": lambda groups: GaLoreAdamW(groups, lr=1e-2, update_proj_gap=4, projector="rsvd"),
+    "galore-gram": lambda groups: GaLoreAdamW(groups, lr=1e-2, update_proj_gap=4, projector="gram"),
     "galore-random": lambda groups: GaLoreAdamW(groups, lr=1e-2, update_proj_gap=4, projector="random"),
     "galore-8bit": lambda groups: GaLoreAdamW8bit(groups, lr=1e-2, update_proj_gap=4),
     "frugal-randk": lambda groups: FrugalAdamW(groups, lr=1e-2, update_gap=4, proj_type="randk"),

@@ -1,5 +1,8 @@
 """GaLoreAdamW / FrugalAdamW with fused=True (the Triton kernels) equal fused=False (the torch path).
 
+Residual rules covered: None (GaLore), "sgd" (FRUGAL) and "scaled" (Fira/APOLLO-style, a GaLore group
+with ``residual="scaled"``).
+
 20 steps with a projector refresh every 8 steps, on a small MLP whose weights use both projection
 sides. On the CPU the kernels run in Triton's interpreter (conftest.py); the `gpu` test repeats the
 check compiled on CUDA with a larger model.
@@ -97,12 +100,24 @@ def make_frugal(model, fused):
                        inactive_update_rule="sgd", fused=fused)
 
 
+def make_scaled(model, fused):
+    # GaLore's SVD projector with the Fira/APOLLO-style norm-ratio residual ("scaled"), which
+    # FrugalAdamW's names do not expose: a group key of the engine. residual_lr_scale != 1 checks
+    # that the engine passes it through to the kernels as well.
+    return GaLoreAdamW(groups(model, rank=5, update_proj_gap=8, scale=0.25, residual="scaled", residual_lr_scale=0.5),
+                       lr=1e-2, weight_decay=0.01, fused=fused)
+
+
 def test_galore_fused_equals_torch_path_over_20_steps(device, forced_triton):
     compare_fused_with_torch_path(make_galore, (37, 53, 29), device, forced_triton, tol=1e-5)
 
 
 def test_frugal_fused_equals_torch_path_over_20_steps(device, forced_triton):
     compare_fused_with_torch_path(make_frugal, (37, 53, 29), device, forced_triton, tol=1e-5)
+
+
+def test_scaled_residual_fused_equals_torch_path_over_20_steps(device, forced_triton):
+    compare_fused_with_torch_path(make_scaled, (37, 53, 29), device, forced_triton, tol=1e-5)
 
 
 @pytest.mark.gpu
@@ -114,3 +129,8 @@ def test_galore_uses_kernels_by_default_on_cuda_and_equals_torch_path(forced_tri
 @pytest.mark.gpu
 def test_frugal_fused_equals_torch_path_on_cuda(forced_triton):
     compare_fused_with_torch_path(make_frugal, (256, 700, 300), "cuda", forced_triton, tol=1e-5)
+
+
+@pytest.mark.gpu
+def test_scaled_residual_fused_equals_torch_path_on_cuda(forced_triton):
+    compare_fused_with_torch_path(make_scaled, (256, 700, 300), "cuda", forced_triton, tol=1e-5)
