@@ -30,6 +30,9 @@ from scrimp.ttc.replay import convert_esc, load_replay, replay_stats, shared_dat
 
 def load_data(cfg: DictConfig):
     """Replay prompts from the data config (``format``: esc or replay; ``path`` relative to shared data)."""
+    if OmegaConf.is_missing(cfg, "path") or not cfg.path:
+        raise ValueError("data.path must name a recorded-samples file (canonical replay JSONL or ESC format), "
+                         "e.g. data=replay_file data.path=/abs/path/samples.jsonl")
     path = Path(cfg.path)
     if not path.is_absolute():
         path = shared_data_dir() / path
@@ -118,7 +121,12 @@ def main(cfg: DictConfig) -> float | list[float]:
     from hydra.core.hydra_config import HydraConfig
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run(cfg, out_dir)
+    try:
+        summary = run(cfg, out_dir)
+    except (ValueError, FileNotFoundError) as err:  # bad input: one sentence, before any work
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise  # the sweeper records the failed trial and goes on
+        raise SystemExit(f"error: {err}") from None
     if "objective" in summary:
         values = summary["objective"]
         return values[0] if len(values) == 1 else values

@@ -54,3 +54,46 @@ def test_optuna_sweep_scores_the_tuning_split_only(tmp_path):
     params = {"rule": "dirichlet", **{k.split(".")[-1]: v for k, v in trial.params.items()}}
     acc, _ = replay_run([prompts[i] for i in calib_idx], "sequential", 4, params, repeats=1, seed=0)
     assert trial.value == pytest.approx(acc.mean())
+
+
+def test_any_canonical_replay_file_runs_through_the_entry_point(tmp_path):
+    # Another model's recorded samples, in the canonical format, with fewer samples than the ESC
+    # file (12 per prompt, below the sequential cap of 40) and one unextracted answer per prompt:
+    # the entry point must run on it as it is, and read it as written.
+    import dataclasses
+
+    from scrimp.ttc.replay import convert_esc, save_replay
+
+    prompts = convert_esc(shared_data_dir() / "ttc" / "esc_gpt35_last_letters_t0.7.jsonl")[:60]
+    prompts = [dataclasses.replace(p, samples=(dataclasses.replace(p.samples[0], answer=None, correct=False),
+                                               *p.samples[1:12])) for p in prompts]
+    path = tmp_path / "other_model.jsonl"
+    save_replay(prompts, path)
+    cfg = _cfg("data=replay_file", f"data.path={path}", "policy=sequential", "budget=4", "curve_budgets=[2,4]",
+               "baseline_budget=8", "repeats=1", "tune_repeats=1", "n_boot=100",
+               "policy.space=[{rule:[dirichlet],pilot:[2],threshold:[0.9],prior:[0.5]}]")
+    summary = run(cfg, tmp_path / "out")
+    correct = sum(bool(s.correct) for p in prompts for s in p.samples)
+    assert summary["stats"]["samples"] == 720
+    extracted = sum(s.answer is not None for p in prompts for s in p.samples)
+    assert extracted <= 660 and summary["stats"]["extraction_rate"] == pytest.approx(extracted / 720)
+    assert summary["stats"]["sample_accuracy"] == pytest.approx(correct / 720)
+    assert summary["spend"] <= 4
+    assert summary["accuracy_ci"][0] <= summary["accuracy"] <= summary["accuracy_ci"][1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("policy.name=greedy", "error: policy.name must be one of"),
+    ("data=replay_file", "error: data.path must name a recorded-samples file"),
+    ("data.path=/nonexistent/samples.jsonl", "error: "),
+])
+def test_command_line_bad_input_is_one_sentence_without_a_traceback(override, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "experiments.ttc", override, "hydra.run.dir=/tmp/scrimp-ttc-bad"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
