@@ -40,6 +40,13 @@ def frugal_group(group: dict, defaults: dict[str, Any]) -> dict:
     wants_projection = group.pop("is_proj_params", None)
     if not (wants_projection or "density" in group or "rank" in group):
         return group
+    engine_names = {new: old for old, new in _RENAMES.items()} | {"projector": "proj_type",
+                                                                   "residual": "inactive_update_rule"}
+    clash = sorted(set(group) & set(engine_names))
+    if clash:
+        # These would be overwritten by FRUGAL's own names below; say so instead of ignoring them.
+        raise ValueError(f"FrugalAdamW groups take FRUGAL's names: use {[engine_names[k] for k in clash]} instead of "
+                         f"{clash} (or use SubspaceAdamW with the engine's names)")
     merged = {**defaults, **group}
     if merged.get("rank") is not None:
         merged.pop("density", None)

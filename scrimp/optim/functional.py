@@ -42,7 +42,7 @@ def adam_direction_(
     """
     if grad.dtype != exp_avg.dtype:
         grad = grad.to(exp_avg.dtype)
-    if _fused_adamw_ok([exp_avg], [grad], 1.0) and exp_avg_sq.dtype == exp_avg.dtype:
+    if _fused_adamw_ok([exp_avg], [grad], 1.0, ([exp_avg_sq],)) and exp_avg_sq.dtype == exp_avg.dtype:
         # One pass instead of eight: torch's fused AdamW kernel on a zero "parameter" with lr 1
         # leaves -N in it (its eps' = eps / sqrt(1 - b2^t) makes its formula equal this one).
         out = torch.zeros_like(exp_avg)
@@ -249,9 +249,9 @@ def coordinate_adam_step_torch(
         apply_update_(W_v, update, -lr * residual_lr_scale)
     if W.dtype == N.dtype:
         W_v.index_add_(d, index, N, alpha=-lr * scale)
-    else:
+    else:  # index_copy_ needs int64 indices; randk stores int32
         rows = W_v.index_select(d, index).float().add_(N, alpha=-lr * scale)
-        W_v.index_copy_(d, index, rows.to(W.dtype))
+        W_v.index_copy_(d, index.long(), rows.to(W.dtype))
 
 
 def residual_only_step_torch(
@@ -275,14 +275,25 @@ def residual_only_step_torch(
     apply_update_(W, update, -lr * residual_lr_scale)
 
 
-def _fused_adamw_ok(params: Sequence[Tensor], grads: Sequence[Tensor], scale: float) -> bool:
+def _fused_adamw_ok(params: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
+                    moments: Sequence[Sequence[Tensor]] = ()) -> bool:
+    """Whether torch's fused AdamW kernel computes the right thing for these lists.
+
+    The kernel pairs elements by memory position, not by index, so every tensor of one parameter
+    (parameter, gradient, moments) must share one memory layout: a channels_last weight with
+    contiguous moments, or a hand-set transposed gradient, takes the foreach path instead.
+    """
     if scale != 1.0 or not hasattr(torch, "_fused_adamw_"):
         return False
     first = params[0]
     if first.device.type not in ("cpu", "cuda") or first.dtype != torch.float32:
         return False
-    return all(p.dtype == first.dtype and g.dtype == first.dtype and p.device == first.device and not g.is_sparse
-               for p, g in zip(params, grads))
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.dtype != first.dtype or p.dtype != first.dtype or p.device != first.device or g.is_sparse:
+            return False
+        if g.stride() != p.stride() or any(m[i].stride() != p.stride() for m in moments):
+            return False
+    return True
 
 
 def adam_step_foreach(
@@ -320,7 +331,7 @@ def adam_step_foreach(
         if not params:
             return
     params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
-    if _fused_adamw_ok(params, grads, scale):
+    if _fused_adamw_ok(params, grads, scale, (exp_avgs, exp_avg_sqs)):
         # torch's one-pass AdamW kernel computes m_hat / (sqrt(v_hat) + eps'); with
         # eps' = eps / sqrt(1 - b2^t) that is exactly the HF formula above (up to rounding).
         steps = [torch.tensor(float(step), device=p.device) for p in params]

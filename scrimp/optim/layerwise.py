@@ -13,7 +13,7 @@ refresh step, with a residual rule, or for plain parameters the full gradient is
                     groups=param_groups(model, rank=128))
     for batch in micro_batches:
         (model(**batch).loss / 4).backward()   # updates run inside backward on every 4th
-        opt.step(); opt.zero_grad()             # bookkeeping only
+        opt.step(); opt.zero_grad()             # bookkeeping (and parameters unused in the last micro-batch)
 """
 
 from __future__ import annotations
@@ -97,10 +97,30 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             p.grad = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Bookkeeping: advance the micro-batch counter (the updates already ran in backward)."""
+        """Advance the micro-batch counter; the updates already ran in backward.
+
+        At the end of a window it also steps the parameters whose hooks did not fire in the last
+        micro-batch (used in earlier micro-batches only), with what they accumulated, as plain
+        accumulation would; their buffers never leak into the next window.
+        """
         loss = closure() if closure is not None else None
         self._micro = (self._micro + 1) % self.accumulate
+        if self._micro == 0:
+            self._step_leftovers()
         return loss
+
+    @torch.no_grad()
+    def _step_leftovers(self) -> None:
+        for p in list(self._accum):
+            self.optimizer.step_param(p, self._group_of[p], None, low_rank_grad=self._accum.pop(p))
+        for p in self._params:
+            if p.grad is None:
+                continue
+            if self._engine:
+                self.optimizer.step_param(p, self._group_of[p], p.grad)
+            else:
+                self._per_param[p].step()
+            p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear leftover gradients at a window boundary; inside a window the gradients are the
@@ -120,11 +140,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict["accumulate"] != self.accumulate:
             raise ValueError(f"accumulate must match the saved value {state_dict['accumulate']}, got {self.accumulate}")
-        if self._engine:
-            self.optimizer.load_state_dict(state_dict["optimizer"])
-        else:
-            for opt, sd in zip(self._per_param.values(), state_dict["optimizer"]):
-                opt.load_state_dict(sd)
+        # torch's load_state_dict swaps in new group dicts; copy their values into the dicts this
+        # wrapper, its hooks and any LR scheduler hold, and put those back, so there is one set.
+        inner = [(self.optimizer, state_dict["optimizer"])] if self._engine else \
+            list(zip(self._per_param.values(), state_dict["optimizer"]))
+        for opt, sd in inner:
+            held = list(opt.param_groups)
+            opt.load_state_dict(sd)
+            for old, new in zip(held, opt.param_groups):
+                old.update(new)
+            opt.param_groups = held
         self._micro = state_dict["micro"]
         self._accum = {self._params[i]: buf.clone() for i, buf in state_dict["accum"].items()}
 

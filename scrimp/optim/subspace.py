@@ -52,6 +52,23 @@ def is_projected_group(group: dict) -> bool:
     return group.get("rank") is not None or group.get("density") is not None
 
 
+def subspace_dim(kind: str, shape: tuple[int, int], side: str) -> int:
+    """How many directions a projector of ``kind`` can select from an (m, n) weight.
+
+    Row/column windows select among m rows / n columns; ``randperm`` and ``random`` among the
+    vectors of their side (left: m, right: n); the spectral kinds among the min(m, n) singular
+    vectors.
+    """
+    m, n = shape
+    if kind == "rows":
+        return m
+    if kind == "columns":
+        return n
+    if kind in ("randperm", "random"):
+        return m if side == "left" else n
+    return min(m, n)
+
+
 def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None, density: float | None) -> tuple[str, int]:
     """Map (projector kind, rank or density) to the effective kind and subspace size of one weight.
 
@@ -66,7 +83,7 @@ def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None,
         total = m * n
         size = round(density * total) if rank is None else rank * max(m, n)
     else:
-        dim = {"rows": m, "columns": n}.get(kind, min(m, n))
+        dim = subspace_dim(kind, shape, side)
         total = dim
         size = round(density * dim) if rank is None else rank
     if size >= total:
@@ -76,20 +93,33 @@ def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None,
     return kind, int(size)
 
 
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_number(key: str, value: Any) -> None:
+    if not (_is_real(value) and value >= 0):
+        raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+
+
 def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
     """Raise one clear ValueError for a bad hyper-parameter of ``group`` before any step runs."""
-    lr = group["lr"]
-    if not isinstance(lr, (int, float)) or lr < 0:
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-    if group["eps"] < 0:
-        raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
+    for key in ("lr", "eps", "weight_decay"):
+        _check_number(key, group[key])
     betas = group["betas"]
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if group["weight_decay"] < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
     if not is_projected_group(group):
         return
+    for key in ("scale", "residual_lr_scale"):
+        _check_number(key, group[key])
+    for key in ("stagger", "reset_statistics"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{key} must be True or False, got {group[key]!r}")
+    power_iters = group["power_iters"]
+    if not isinstance(power_iters, int) or isinstance(power_iters, bool) or power_iters < 0:
+        raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
     kind, proj_type = group["projector"], group["proj_type"]
     if kind not in PROJECTORS:
         raise ValueError(f"projector must be one of {PROJECTORS}, got {kind!r}")
@@ -116,10 +146,13 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
                 f"projection needs 2-D parameters, got a {p.dim()}-D parameter of shape {tuple(p.shape)} in a "
                 "group with rank/density; put it in a group without projection keys"
             )
-        if rank is not None and kind not in ("blocks", "full", "none") and rank >= min(p.shape):
-            raise ValueError(
-                f"rank must be below min(m, n) = {min(p.shape)} for a parameter of shape {tuple(p.shape)}, got {rank}"
-            )
+        if rank is not None and kind not in ("blocks", "full", "none"):
+            dim = subspace_dim(kind, tuple(p.shape), choose_side(tuple(p.shape), proj_type))
+            if rank >= dim:
+                what = "min(m, n)" if dim == min(p.shape) else f"the {dim} directions projector {kind!r} selects from"
+                raise ValueError(
+                    f"rank must be below {what} = {dim} for a parameter of shape {tuple(p.shape)}, got {rank}"
+                )
 
 
 # -- 8-bit moments (bitsandbytes blockwise dynamic quantization; works on CPU) -------------------

@@ -68,7 +68,7 @@ def test_build_layerwise_sets_the_manual_optimization_contract(tiny):
     ({"name": "galore", "rank": 8, "accumulate": 4}, "accumulate=4 applies only with layerwise=True"),
     ({"name": "galore", "rank": 48}, r"rank must be below min\(m, n\) = 48"),
     ({"name": "frugal", "density": 2.0}, r"density must be in \(0, 1\]"),
-    ({"name": "galore", "rank": 8, "lr": -0.1}, "lr must be a number >= 0"),
+    ({"name": "galore", "rank": 8, "lr": -0.1}, "lr must be a finite number >= 0"),
 ])
 def test_build_errors(tiny, cfg, message):
     with pytest.raises(ValueError, match=message):

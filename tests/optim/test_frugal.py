@@ -111,3 +111,34 @@ def test_blocks_rotate_and_inactive_blocks_hold_no_moments():
         opt.step()
         active_by_step.append([i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]])
     assert active_by_step == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+@pytest.mark.parametrize("proj_type", ["randk", "randperm", "rows", "columns"])
+def test_coordinate_projectors_step_bf16_weights_like_fp32_ones(proj_type):
+    # bf16 weights keep fp32 moments; the step must be the fp32 step rounded once to bf16.
+    torch.manual_seed(3)
+    w32 = torch.nn.Parameter(torch.randn(16, 24))
+    w16 = torch.nn.Parameter(w32.detach().to(torch.bfloat16))
+    g = torch.randn(16, 24).to(torch.bfloat16)
+    opts = [FrugalAdamW([{"params": [w], "density": 0.25}], lr=1e-2, proj_type=proj_type, seed=1)
+            for w in (w32, w16)]
+    w32.data.copy_(w16.detach().float())  # same starting values
+    for w, opt in zip((w32, w16), opts):
+        w.grad = g.to(w.dtype)
+        opt.step()
+    assert w16.dtype == torch.bfloat16
+    assert torch.equal(w16.detach(), w32.detach().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("proj_side, selected", [("std", 4), ("right", 4), ("left", 20), ("reverse_std", 20)])
+def test_density_counts_directions_on_the_selected_side(proj_side, selected):
+    # A (40, 8) weight at density 0.5: randperm picks half of the rows (left) or half of the
+    # columns (right), never half of min(m, n) on the larger side.
+    w = torch.nn.Parameter(torch.randn(40, 8))
+    opt = FrugalAdamW([{"params": [w], "density": 0.5}], proj_type="randperm", proj_side=proj_side)
+    w.grad = torch.randn(40, 8)
+    opt.step()
+    state = opt.state[w]
+    rows, cols = state["exp_avg"].shape
+    assert (rows if proj_side in ("left", "reverse_std") else cols) == selected
+    assert rows * cols == 0.5 * w.numel()

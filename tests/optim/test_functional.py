@@ -130,3 +130,24 @@ def test_scaled_residual_carries_the_adam_norm_ratio():
     torch.testing.assert_close(out, res * (N.norm() / R.norm()))
     with pytest.raises(ValueError, match="residual rule must be one of"):
         F.residual_update(res, "adam")
+
+
+@pytest.mark.parametrize("layout", ["transposed_grad", "channels_last_param"])
+def test_adam_ignores_memory_layout_and_matches_float64(layout):
+    # torch's fused AdamW kernel pairs elements by memory position; a gradient (or parameter) laid
+    # out differently from its moments must still get the update of its own entries.
+    torch.manual_seed(6)
+    if layout == "transposed_grad":
+        p = torch.randn(6, 9)
+        g = torch.randn(9, 6).t()  # same shape, column-major
+    else:
+        p = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+        g = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    m, v = torch.zeros(p.shape), torch.zeros(p.shape)  # contiguous, as the optimizers create them
+    _, _, n = reference_direction(g.double(), 0 * g.double(), 0 * g.double(), 1, 0.9, 0.999, 1e-8)
+    expect = p.double() * (1 - 1e-3 * 0.1) - 1e-3 * n
+    F.adam_step_foreach([p], [g], [m], [v], step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    torch.testing.assert_close(p.double(), expect, rtol=1e-6, atol=1e-7)
+    direction = F.adam_direction_(g, torch.zeros(p.shape), torch.zeros(p.shape), step=1, beta1=0.9, beta2=0.999,
+                                  eps=1e-8)
+    torch.testing.assert_close(direction.double(), n, rtol=1e-6, atol=1e-7)
