@@ -118,6 +118,12 @@ class ScrimpOptunaSweeper(Sweeper):
             pruner = None
         study = optuna.create_study(study_name=name, storage=make_storage(url), sampler=sampler, pruner=pruner,
                                     directions=self.directions, load_if_exists=True)
+        resumed = len(study.get_trials(deepcopy=False))
+        seed = self.sampler.get("seed") if isinstance(self.sampler, dict | DictConfig) else None
+        if resumed and seed is not None:
+            # A resumed study with a seeded sampler would replay the first run's random draws (the
+            # same startup points again); continue the seed sequence instead, still reproducibly.
+            study.sampler = instantiate(self.sampler, seed=int(seed) + resumed)
         # The pruner is not part of Optuna's storage; its config is, so that a trial job anywhere can
         # rebuild it and decide on pruning (scrimp.training.callbacks.OptunaPruningCallback).
         pruner_cfg = self.config.hydra.sweeper.get("pruner")
@@ -151,8 +157,15 @@ class ScrimpOptunaSweeper(Sweeper):
             overrides = [tuple(fixed + params_to_overrides(t.params) + self._trial_overrides(study, t))
                          for t in trials]
             self.validate_batch_is_legal(overrides)
-            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            self.job_idx += len(returns)
+            # Job folders are named by trial number, so a resumed study never writes over the
+            # folders of its earlier trials; non-consecutive numbers (trials of other machines in
+            # a shared storage) are launched one by one.
+            numbers = [t.number for t in trials]
+            if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+                returns = list(self.launcher.launch(overrides, initial_job_idx=numbers[0]))
+            else:
+                returns = [r for o, n in zip(overrides, numbers) for r in self.launcher.launch([o], initial_job_idx=n)]
+            self.job_idx = numbers[-1] + 1
             self._sampler_stopped = False
             for trial, ret in zip(trials, returns):
                 self._tell(study, trial, ret)

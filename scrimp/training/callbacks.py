@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -235,3 +236,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` every N optimizer steps, with two gaps of Lightning 2.x's closed.
+
+    - A restore forgets which step was saved last, so with gradient accumulation the first
+      micro-batch after a resume saw ``global_step % N == 0`` and wrote a checkpoint in the middle
+      of a window (whose half-accumulated gradient a checkpoint does not hold). The resumed step
+      counts as saved.
+    - ``last.ckpt`` was only written together with a step checkpoint, so it lagged behind the final
+      step whenever ``max_steps`` is not a multiple of N. It is written at the end of training too.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,10 +118,18 @@ class BlockStreamLoader:
     W = world size); rank ``r`` takes its ``B`` rows from that range. So a 2-process run sees
     the same global batches as a single process with batch ``2B``, and a run resumed at batch
     ``start_batch`` sees exactly what the uninterrupted run saw from there on.
+
+    One pass over the loader is one Lightning epoch of ``epoch_batches`` batches (default: all
+    ``num_batches``). Each pass starts where the stream stands when it begins, ``start_batch``
+    or, when given, ``position()`` (the module's batch counter, so that epoch ``e`` of a
+    ``max_epochs`` run continues the stream instead of replaying it), and runs to the end of
+    that epoch. ``len()`` is the whole epoch's length, as Lightning counts a resumed epoch's
+    remaining batches from it.
     """
 
     def __init__(self, blocks: np.ndarray, batch_size: int, num_batches: int, *, seed: int = 0,
-                 start_batch: int = 0, rank: int = 0, world_size: int = 1):
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1, epoch_batches: int | None = None,
+                 position: Callable[[], int] | None = None):
         self.blocks = blocks
         self.batch_size = batch_size
         self.num_batches = num_batches
@@ -129,14 +137,18 @@ class BlockStreamLoader:
         self.start_batch = start_batch
         self.rank = rank
         self.world_size = world_size
+        self.epoch_batches = max(int(epoch_batches or num_batches), 1)
+        self.position = position
 
     def __len__(self) -> int:
-        return max(self.num_batches - self.start_batch, 0)
+        return min(self.epoch_batches, self.num_batches)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         n = len(self.blocks)
         global_batch = self.batch_size * self.world_size
-        for b in range(self.start_batch, self.num_batches):
+        start = self.position() if self.position is not None else self.start_batch
+        end = min((start // self.epoch_batches + 1) * self.epoch_batches, self.num_batches)
+        for b in range(start, end):
             idx = stream_indices(n, self.seed, b * global_batch + self.rank * self.batch_size, self.batch_size)
             yield {"input_ids": torch.from_numpy(self.blocks[idx].astype(np.int64))}
 
@@ -308,7 +320,7 @@ def load_documents(source: str, path=None, hub_name: str | None = None, hub_conf
         else:
             keys = [str(i) for i in range(len(texts))]
         keep = _subset(keys, max_documents)
-        return Documents([texts[i] for i in keep], [keys[i] for i in keep], f"files:{_file_identity(files)}:{max_documents}")
+        return Documents([texts[i] for i in keep], [keys[i] for i in keep], f"files:{_file_identity(files)}:{text_field}:{max_documents}")
     if source == "hub":
         if not hub_name:
             raise ValueError("data.hub_name is required when data.source='hub'")
@@ -321,7 +333,7 @@ def load_documents(source: str, path=None, hub_name: str | None = None, hub_conf
             if len(texts) >= max_documents:
                 break
         keys = [str(i) for i in range(len(texts))]
-        return Documents(texts, keys, f"hub:{hub_name}:{hub_config}:{max_documents}")
+        return Documents(texts, keys, f"hub:{hub_name}:{hub_config}:{text_field}:{max_documents}")
     raise ValueError(f"data.source {source!r} is not one of {list(_SOURCES)}")
 
 
@@ -435,25 +447,29 @@ class TextDataModule(L.LightningDataModule):
         self.prepare()
 
     # -- loaders -------------------------------------------------------------------------------
-    def _run_shape(self) -> tuple[int, int, int, int]:
-        """(start_batch, num_batches, rank, world_size) from the attached trainer, if any."""
+    def _run_shape(self) -> tuple[int, int, int, int, int]:
+        """(start_batch, num_batches, epoch_batches, rank, world_size) from the attached trainer, if any."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
-            return 0, math.ceil(len(self.train_blocks) / self.batch_size), 0, 1
+            total = math.ceil(len(self.train_blocks) / self.batch_size)
+            return 0, total, total, 0, 1
         start = int(getattr(trainer.lightning_module, "batches_seen", 0))
         per_step = trainer.accumulate_grad_batches
         if trainer.max_steps and trainer.max_steps > 0:
             total = trainer.max_steps * per_step
+            per_epoch = total  # one Lightning epoch; the stream crosses data epochs by itself
         else:
-            per_epoch = len(self.train_blocks) // (self.batch_size * trainer.world_size)
-            total = max(per_epoch, 1) * max(trainer.max_epochs or 1, 1)
-        return start, total, trainer.global_rank, trainer.world_size
+            per_epoch = max(len(self.train_blocks) // (self.batch_size * trainer.world_size), 1)
+            total = per_epoch * max(trainer.max_epochs or 1, 1)
+        return start, total, per_epoch, trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> BlockStreamLoader:
         self.prepare()
-        start, total, rank, world = self._run_shape()
-        return BlockStreamLoader(self.train_blocks, self.batch_size, total, seed=self.seed,
-                                 start_batch=start, rank=rank, world_size=world)
+        start, total, per_epoch, rank, world = self._run_shape()
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        position = (lambda: int(module.batches_seen)) if module is not None else None
+        return BlockStreamLoader(self.train_blocks, self.batch_size, total, seed=self.seed, start_batch=start,
+                                 rank=rank, world_size=world, epoch_batches=per_epoch, position=position)
 
     def val_dataloader(self) -> DataLoader:
         self.prepare()

@@ -154,6 +154,7 @@ class CausalLMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         input_ids = batch["input_ids"]
         self.batches_seen += 1
+        lr = self._current_lr()  # the lr this step uses (manual modes step the scheduler inside)
         if self.mode == "automatic":
             loss = self(input_ids)
             self._check_finite(loss, "training")
@@ -165,7 +166,7 @@ class CausalLMModule(L.LightningModule):
             # Only on the steps the loggers write (and the last): each self.log call costs about 1 ms of
             # Python per step, a few % of a small model's step (benchmarks/train_step.py).
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
-            self.log("train/lr", self._current_lr(), on_step=True, on_epoch=False)
+            self.log("train/lr", lr, on_step=True, on_epoch=False)
         return loss if self.mode == "automatic" else None
 
     def _zeroth_order_step(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from scrimp.training.callbacks import (
     AtomicCheckpointIO,
     OptunaPruningCallback,
     RankConsistencyCallback,
+    StepCheckpoint,
     ThroughputMemoryCallback,
 )
 from scrimp.training.models import LLAMA_SIZES
@@ -187,16 +188,16 @@ def _loggers(cfg: DictConfig, run_dir: Path) -> list:
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
     """A Lightning ``Trainer`` from ``cfg.trainer`` with our callbacks, loggers and atomic checkpoints."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import RichProgressBar
 
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     ckpt_cfg = cfg.get("checkpoint") or {}
     callbacks = [
         ThroughputMemoryCallback(),
         RankConsistencyCallback(),
-        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:06d}", auto_insert_metric_name=False,
-                        every_n_train_steps=int(ckpt_cfg.get("every_n_steps", 100)), save_top_k=int(ckpt_cfg.get("keep", 1)),
-                        monitor=None, save_last=True),
+        StepCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:06d}", auto_insert_metric_name=False,
+                       every_n_train_steps=int(ckpt_cfg.get("every_n_steps", 100)), save_top_k=int(ckpt_cfg.get("keep", 1)),
+                       monitor=None, save_last=True),
         *extra_callbacks,
     ]
     if trainer_cfg.get("enable_progress_bar", True):
@@ -252,7 +253,10 @@ def train(cfg: DictConfig) -> dict:
         status = "pruned"
         pruned = err
     if status == "completed" and module.last_val_step != trainer.global_step:
+        # validate() resets callback_metrics: keep the last training metrics for the summary
+        train_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics at the last step
+        trainer.callback_metrics.update({k: v for k, v in train_metrics.items() if k not in trainer.callback_metrics})
     # -- summary ----------------------------------------------------------------------------------
     optimizer = module.build_optimizer()
     if not throughput.memory:

@@ -96,3 +96,33 @@ def test_sweep_records_trials_and_a_pruned_one_in_sqlite_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = optuna.load_study(study_name="prune_test", storage=storage).trials
     assert len(trials) == 4 and len({tuple(sorted(t.params.items())) for t in trials}) == 4
+    # Each trial keeps its own job folder, named by its number: the resumed run wrote none over.
+    import json
+
+    for t in trials:
+        summary = json.loads((tmp_path / "sweep" / str(t.number) / "summary.json").read_text())
+        assert summary["config"]["optuna_trial"]["number"] == t.number
+
+
+def test_a_resumed_seeded_study_draws_new_points(tmp_path):
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.scrimp_optuna_sweeper.sweeper import ScrimpOptunaSweeper
+
+    space = {"x": FloatDistribution(0.0, 1.0)}
+
+    def one_invocation():
+        sweeper = ScrimpOptunaSweeper(sampler={"_target_": "optuna.samplers.RandomSampler", "seed": 0},
+                                      storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s", n_trials=1)
+        sweeper.config = OmegaConf.create({"hydra": {"job": {"name": "j"}, "sweeper": {"pruner": None}}})
+        sweeper.sweep_dir = tmp_path
+        study = sweeper._study()
+        trial = study.ask(space)
+        study.tell(trial, trial.params["x"])
+        return trial.params["x"]
+
+    first, second = one_invocation(), one_invocation()
+    reference = optuna.samplers.RandomSampler(seed=0)  # what an unresumed seed-0 study draws first
+    fresh = optuna.create_study(sampler=reference)
+    assert first == fresh.ask(space).params["x"]
+    assert second != first  # a resume continues the seed sequence instead of replaying it

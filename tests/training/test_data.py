@@ -146,3 +146,19 @@ def test_empty_corpus_is_one_sentence(tmp_path):
     dm = TextDataModule(source="files", path=str(tmp_path), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=r"^the corpus .* is empty: it has no text$"):
         dm.prepare()
+
+
+def test_cache_tells_text_fields_apart(tmp_path):
+    # Same file, another column: the cached tokens and tokenizer of the first must not be reused.
+    path = tmp_path / "docs.jsonl"
+    rows = [{"body": f"def function_{i}(x):\n    return x * {i}\n" * 30, "title": f"function {i}"} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    kwargs = dict(source="files", path=str(path), vocab_size=300, block_size=4, batch_size=2, val_fraction=0.2)
+    body = TextDataModule(text_field="body", cache_dir=str(tmp_path / "shared"), **kwargs)
+    body.prepare()
+    title = TextDataModule(text_field="title", cache_dir=str(tmp_path / "shared"), **kwargs)
+    title.prepare()
+    clean = TextDataModule(text_field="title", cache_dir=str(tmp_path / "clean"), **kwargs)
+    clean.prepare()
+    assert title.stats["tokens_train"] == clean.stats["tokens_train"] < body.stats["tokens_train"]
+    assert np.array_equal(title.train_blocks, clean.train_blocks)

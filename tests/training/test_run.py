@@ -86,6 +86,67 @@ def test_resume_equals_no_interrupt(small_cfg, tmp_path):
     assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
 
 
+def test_resume_before_half_the_run_and_the_final_checkpoint(small_cfg, tmp_path):
+    # Resumed at step 2 of 7: Lightning counts the resumed epoch's remaining batches from the
+    # loader's length, so a loader that shortened itself ended the epoch early and replayed the
+    # stream. 7 is no multiple of the checkpoint interval: last.ckpt must still hold step 7, and
+    # the final validation (7 is no multiple of val_check_interval) must keep train/* metrics.
+    common = ["trainer.max_steps=7", "trainer.val_check_interval=3", "trainer.deterministic=true",
+              "checkpoint.every_n_steps=2", "checkpoint.keep=-1", "optim.rank=8", "optim.update_proj_gap=3"]
+    full = train(small_cfg(*common, run_dir=tmp_path / "full"))
+    resumed = train(small_cfg(*common, f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step000002.ckpt'}",
+                              run_dir=tmp_path / "resumed"))
+    a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "resumed")
+    assert sorted(b) == list(range(2, 7)) and [b[s] for s in range(2, 7)] == [a[s] for s in range(2, 7)]
+    for summary, name in ((full, "full"), (resumed, "resumed")):
+        assert summary["steps"] == 7 and "train/loss" in summary["metrics"] and "train/lr" in summary["metrics"]
+        last = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)
+        assert last["global_step"] == 7 and last["scrimp"]["batches_seen"] == 7
+    full_state = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    resumed_state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
+    assert full["metrics"]["val/loss"] == resumed["metrics"]["val/loss"]
+
+
+def test_resume_with_accumulation_writes_no_checkpoint_inside_a_window(small_cfg, tmp_path):
+    common = ["trainer.max_steps=6", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=12",
+              "trainer.deterministic=true", "checkpoint.every_n_steps=2", "checkpoint.keep=-1", "optim=adamw"]
+    train(small_cfg(*common, run_dir=tmp_path / "full"))
+    train(small_cfg(*common, f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step000002.ckpt'}",
+                    run_dir=tmp_path / "resumed"))
+    for path in sorted((tmp_path / "resumed" / "checkpoints").glob("step*.ckpt")):
+        saved = torch.load(path, weights_only=False)
+        # every checkpoint sits at a window boundary: 2 micro-batches per optimizer step
+        assert saved["scrimp"]["batches_seen"] == 2 * saved["global_step"], path.name
+    assert not (tmp_path / "resumed" / "checkpoints" / "step000002.ckpt").exists()
+
+
+def test_max_epochs_runs_each_epoch_once(small_cfg, tmp_path):
+    # Each Lightning epoch is one pass over the loader, which continues the stream from the
+    # module's batch counter: 2 epochs are 2 x (blocks // batch) steps, not 4 x (a replay).
+    summary = train(small_cfg("trainer.max_steps=-1", "+trainer.max_epochs=2", "data.max_documents=6",
+                              "trainer.val_check_interval=1000", "optim=adamw"))
+    per_epoch = summary["data"]["blocks_train"] // 4
+    assert per_epoch >= 2 and summary["steps"] == 2 * per_epoch
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["scrimp"]["batches_seen"] == 2 * per_epoch
+
+
+@pytest.mark.parametrize("optim", ["adamw", "zo_sgd"])
+def test_logged_lr_is_the_lr_the_step_used(small_cfg, tmp_path, optim):
+    # Manual-optimization modes step the scheduler inside training_step; the log must still show
+    # the lr of the step it belongs to, as automatic mode does.
+    from scrimp.training.schedule import cosine_with_warmup
+
+    train(small_cfg(f"optim={optim}", "optim.lr=1e-3", "trainer.max_steps=6", "module.warmup_steps=3",
+                    "trainer.val_check_interval=6"))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "version_0" / "metrics.csv")))
+    logged = {int(r["step"]): float(r["train/lr"]) for r in rows if r.get("train/lr")}
+    assert sorted(logged) == list(range(6))
+    for step, lr in logged.items():
+        assert lr == pytest.approx(1e-3 * cosine_with_warmup(step, 3, 6, 0.1), rel=1e-6), step
+
+
 # -- bad input: one sentence each, before training starts -------------------------------------------
 def _assert_not_started(run_dir: Path):
     assert not (run_dir / "csv").exists() and not (run_dir / "checkpoints").exists()
