@@ -45,7 +45,7 @@ def main(cfg: DictConfig):
         from hydra.core.hydra_config import HydraConfig
 
         if HydraConfig.get().mode.name == "MULTIRUN":
-            raise  # the sweeper records the failed trial and goes on
+            raise  # the sweeper records the failed trial (and stops, unless hydra.sweeper.fail_fast=false)
         raise SystemExit(f"error: {err}") from None
     return objective(summary, cfg.get("optimized_metric"))
 

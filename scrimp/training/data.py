@@ -13,6 +13,7 @@ training split and cached on disk.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -93,9 +94,15 @@ def pack_blocks(docs: Sequence[Sequence[int]], block_size: int, eos_id: int) -> 
     return flat[: n_blocks * block_size].reshape(n_blocks, block_size)
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffle order of ``n`` training blocks in one epoch: a function of (seed, epoch) only."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    """The shuffle order of ``n`` training blocks in one epoch: a function of (seed, epoch) only.
+
+    Cached (read-only): drawing it is O(n), about 50 ms at 2M blocks, and every batch needs it.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False
+    return order
 
 
 def stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:

@@ -247,16 +247,18 @@ def train(cfg: DictConfig) -> dict:
     status = "completed"
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        if module.last_val_step != trainer.global_step:
+            # validate() resets callback_metrics: keep the last training metrics for the summary.
+            # Inside the try: the pruner may also decide on this last validation.
+            train_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics at the last step
+            trainer.callback_metrics.update({k: v for k, v in train_metrics.items()
+                                             if k not in trainer.callback_metrics})
     except BaseException as err:
         if type(err).__name__ != "TrialPruned":
             raise
         status = "pruned"
         pruned = err
-    if status == "completed" and module.last_val_step != trainer.global_step:
-        # validate() resets callback_metrics: keep the last training metrics for the summary
-        train_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics at the last step
-        trainer.callback_metrics.update({k: v for k, v in train_metrics.items() if k not in trainer.callback_metrics})
     # -- summary ----------------------------------------------------------------------------------
     optimizer = module.build_optimizer()
     if not throughput.memory:
