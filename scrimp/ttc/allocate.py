@@ -112,7 +112,11 @@ def uniform(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.ra
 
 
 def _dirichlet_table(held: list[list[Sample]]) -> tuple[np.ndarray, int]:
-    """Pilot answer counts per prompt, leader first, padded with zero-count classes (unseen answers)."""
+    """Pilot answer counts per prompt, leader first, then zero-count classes to a common width.
+
+    Only the first zero after a prompt's seen answers is its "unseen answer" class; the padding
+    beyond it must carry no prior mass (``expected_mode_majority`` drops it), so that a prompt's
+    posterior does not depend on how many answers the other prompts saw."""
     rows = [sorted(Counter(s.answer for s in h if s.answer is not None).values(), reverse=True) for h in held]
     width = max(len(r) for r in rows) + 1
     table = np.zeros((len(held), width))
@@ -138,9 +142,12 @@ def expected_mode_majority(counts: np.ndarray, ks: np.ndarray, *, prior: float =
     ks = np.asarray(ks, dtype=np.int64)
     unique, inverse = np.unique(np.asarray(counts, float), axis=0, return_inverse=True)
     rows = []
-    for row in unique:
-        # Each distinct pilot signature has its own seeded draws, so that a prompt's utility does not
-        # depend on which other prompts are present; cached because signatures repeat across runs.
+    for padded in unique:
+        # The answers seen plus exactly one class for every unseen answer: zero-count padding beyond
+        # it (from a wider table) would add prior mass and make a prompt's posterior depend on the
+        # other prompts. Each distinct pilot signature has its own seeded draws, cached because
+        # signatures repeat across runs.
+        row = np.append(padded[padded > 0], 0.0)
         key = (tuple(row), tuple(ks), prior, draws, seed)
         if key not in _MODE_MAJORITY:
             rng = np.random.default_rng([seed, *row.astype(np.int64).tolist()])
@@ -185,23 +192,29 @@ def knapsack(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.r
 
     _check_pilot(pilot, ids, budget)
     cap = _capacity(generator, ids, k_max)
-    if np.any(cap < pilot):
-        raise ValueError(f"pilot={pilot} exceeds the samples available for some prompt (min {int(cap.min())})")
+    pilots = np.minimum(pilot, cap)  # a prompt with fewer recorded samples than the pilot gets them all
     held: list[list[Sample]] = [[] for _ in ids]
-    _draw(generator, ids, np.full(len(ids), pilot), held)
-    extra_cap = int((cap - pilot).max())
+    _draw(generator, ids, pilots, held)
+    room = cap - pilots
+    extra_cap = int(room.max())
     if utility == "coverage":
         wins = np.array([sum(bool(s.correct) for s in h) for h in held], dtype=float)
-        post = BetaPosterior(wins[:, None], (pilot - wins)[:, None], prior=(prior, prior))
-        fn = lambda k, p: p.expected_coverage(pilot + k)
+        post = BetaPosterior(wins[:, None], (pilots - wins)[:, None], prior=(prior, prior))
+        value = post.expected_coverage(pilots[:, None] + np.arange(extra_cap + 1)[None, :])
     else:
         table, _ = _dirichlet_table(held)
-        post = expected_mode_majority(table, np.arange(extra_cap + 1) + pilot, prior=prior)
-        fn = lambda k, p: p[:, k[0]]
-    alloc = allocate_counts(fn, post, budget - pilot * len(ids), k_min=0, k_max=extra_cap)
-    extra = np.minimum(np.asarray(alloc.counts, dtype=np.int64), cap - pilot)
-    _draw(generator, ids, extra, held)
-    return _finish(generator, ids, held, budget, utility, rng, method=alloc.method, optimal=alloc.optimal)
+        value = np.stack([expected_mode_majority(table[i:i + 1], np.arange(extra_cap + 1) + pilots[i],
+                                                 prior=prior)[0] for i in range(len(ids))]) \
+            if np.any(pilots != pilots[0]) else \
+            expected_mode_majority(table, np.arange(extra_cap + 1) + pilots[0], prior=prior)
+    # No value beyond what a prompt has recorded: the solver then never buys samples it cannot draw.
+    value = np.where(np.arange(extra_cap + 1)[None, :] <= room[:, None], value,
+                     value[np.arange(len(ids)), room][:, None])
+    alloc = allocate_counts(lambda k, v: v[:, k[0]], value, budget - int(pilots.sum()), k_min=0, k_max=extra_cap)
+    requested = np.asarray(alloc.counts, dtype=np.int64)
+    _draw(generator, ids, np.minimum(requested, room), held)
+    return _finish(generator, ids, held, budget, utility, rng, method=alloc.method, optimal=alloc.optimal,
+                   requested=pilots + requested)
 
 
 def oracle(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
@@ -237,7 +250,7 @@ def _true_curve(p: ReplayPrompt, utility: str) -> np.ndarray:
     if key not in _TRUE_CURVES:
         n = len(p.samples)
         wins = sum(bool(s.correct) for s in p.samples)
-        ref = _reference_answer(p)
+        ref = correct_answers(p)
         curve = [0.0] + [
             pass_at_k(n, wins, k) if utility == "coverage" else maj_at_k([s.answer for s in p.samples], ref, k)
             for k in range(1, n + 1)
@@ -246,14 +259,18 @@ def _true_curve(p: ReplayPrompt, utility: str) -> np.ndarray:
     return _TRUE_CURVES[key][1]
 
 
-def _reference_answer(p: ReplayPrompt) -> str | None:
-    """The normalized answer that the recorded samples mark correct (falls back to the reference)."""
+def correct_answers(p: ReplayPrompt) -> frozenset[str]:
+    """The normalized answers that count as right for this prompt.
+
+    Where the recorded samples carry correctness flags, every answer flagged correct (a grader may
+    accept several strings: ``0.5`` and ``1/2``); where none does, the normalized reference.
+    """
     from scrimp.ttc.verify import normalize_answer
 
-    for s in p.samples:
-        if s.correct and s.answer is not None:
-            return s.answer
-    return normalize_answer(p.reference)
+    if any(s.correct is not None for s in p.samples):
+        return frozenset(s.answer for s in p.samples if s.correct and s.answer is not None)
+    ref = normalize_answer(p.reference)
+    return frozenset() if ref is None else frozenset([ref])
 
 
 def sequential(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
@@ -367,12 +384,12 @@ def fit_compute_optimal(calibration: Sequence[ReplayPrompt], *, pilot: int = 3, 
                 continue
             drawn = gen.sample([p.id], n)[0]
             stat = pilot_statistic(drawn[:pilot])
-            ref = _reference_answer(p)
+            ref = correct_answers(p)
             seen[stat] += 1
             # Accuracy of the vote over the first k of this seeded order (k >= pilot keeps the pilot).
             for k in range(1, k_max + 1):
                 kk = min(k, n)
-                sums[stat, k] += plurality([s.answer for s in drawn[:kk]], rng) == ref if ref else 0.0
+                sums[stat, k] += plurality([s.answer for s in drawn[:kk]], rng) in ref
     bins, bin_of_count, acc_rows, run, run_seen = [], {}, [], np.zeros(k_max + 1), 0.0
     for stat in range(pilot + 1):
         run, run_seen = run + sums[stat], run_seen + seen[stat]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scrimp.ttc.allocate import POLICIES, _reference_answer, fit_compute_optimal, run_policy
+from scrimp.ttc.allocate import POLICIES, correct_answers, fit_compute_optimal, run_policy
 from scrimp.ttc.evaluate import maj_at_k
 from scrimp.ttc.generate import ReplayGenerator, ReplayPrompt
 
@@ -50,14 +50,16 @@ def grid(space: Mapping[str, Sequence] | Sequence[Mapping[str, Sequence]]) -> li
 
 
 def uniform_exact(prompts: Sequence[ReplayPrompt], k: int) -> np.ndarray:
-    """Per-prompt exact expected accuracy of uniform majority voting with k samples (maj@k)."""
-    return np.array([maj_at_k([s.answer for s in p.samples], _reference_answer(p), k) for p in prompts])
+    """Per-prompt exact expected accuracy of uniform majority voting with k samples (maj@k); a prompt
+    with fewer than k recorded samples votes over all of them (as the ``uniform`` policy caps)."""
+    return np.array([maj_at_k([s.answer for s in p.samples], correct_answers(p), min(k, len(p.samples)))
+                     for p in prompts])
 
 
 def replay_run(prompts: Sequence[ReplayPrompt], policy: str, budget: float, params: dict, *,
                repeats: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean per-prompt correctness and spend of ``policy`` over ``repeats`` seeded replay orders."""
-    refs = [_reference_answer(p) for p in prompts]
+    refs = [correct_answers(p) for p in prompts]
     ids = [p.id for p in prompts]
     correct = np.zeros(len(prompts))
     spent = np.zeros(len(prompts))
@@ -65,7 +67,7 @@ def replay_run(prompts: Sequence[ReplayPrompt], policy: str, budget: float, para
         gen = ReplayGenerator(prompts, seed=seed + 7919 * r)
         extra = {"prompts": prompts} if policy == "oracle" and "prompts" not in params else {}
         out = run_policy(policy, gen, ids, budget, seed=seed + r, **params, **extra)
-        correct += [a is not None and a == ref for a, ref in zip(out.answers, refs)]
+        correct += [a is not None and a in ref for a, ref in zip(out.answers, refs)]
         spent += out.spent
     return correct / repeats, spent / repeats
 

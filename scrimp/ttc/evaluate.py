@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,15 +38,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def maj_at_k(answers: Sequence[str | None], correct: str | None, k: int) -> float:
+def maj_at_k(answers: Sequence[str | None], correct: str | None | Collection[str], k: int) -> float:
     """Exact probability that plurality voting over k of these n answers (drawn without replacement)
-    picks ``correct``; None answers cast no vote, ties are split evenly, an all-None draw is wrong.
+    picks ``correct`` (one answer, or a collection of answers that all count as right: the chances of
+    electing each add up, as the winner is one answer); None answers cast no vote, ties are split
+    evenly, an all-None draw is wrong.
 
     Dynamic program: for j copies of the correct answer drawn, count the draws of the other k - j
     samples in which every other answer appears at most j times, weighted by 1 / (1 + #answers tied at j).
     """
     n = len(answers)
     _check_nk(n, k)
+    if correct is not None and not isinstance(correct, str):
+        return sum(maj_at_k(answers, c, k) for c in set(correct))
     counts = Counter(a for a in answers if a is not None)
     c = counts.pop(correct, 0) if correct is not None else 0
     others = list(counts.values())

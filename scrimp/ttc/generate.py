@@ -265,9 +265,13 @@ class ReplayGenerator:
     def __init__(self, prompts: Sequence[ReplayPrompt], seed: int = 0):
         if not prompts:
             raise ValueError("prompts must hold at least one ReplayPrompt, got none")
+        seen: set[str] = set()
         for p in prompts:
             if not p.samples:
                 raise ValueError(f"prompt {p.id!r} has zero recorded samples; replay needs at least one")
+            if p.id in seen:
+                raise ValueError(f"prompt id {p.id!r} appears twice; replay prompts need unique ids")
+            seen.add(p.id)
         self.prompts = list(prompts)
         self.seed = seed
         self._index: dict[str, int] = {}

@@ -58,6 +58,7 @@ def load_replay(path: str | os.PathLike) -> list[ReplayPrompt]:
     if not path.is_file():
         raise FileNotFoundError(f"replay file not found: {path}")
     prompts: list[ReplayPrompt] = []
+    first_line: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -77,7 +78,11 @@ def load_replay(path: str | os.PathLike) -> list[ReplayPrompt]:
             if ref is not None and not isinstance(ref, str):
                 raise ValueError(f"{where}: 'reference' must be a string or null")
             samples = tuple(_sample_from_json(s, where) for s in obj["samples"])
-            prompts.append(ReplayPrompt(str(obj["id"]), obj["prompt"], ref, samples))
+            pid = str(obj["id"])
+            if pid in first_line:
+                raise ValueError(f"{where}: prompt id {pid!r} repeats the id of line {first_line[pid]}; ids must be unique")
+            first_line[pid] = lineno
+            prompts.append(ReplayPrompt(pid, obj["prompt"], ref, samples))
     if not prompts:
         raise ValueError(f"replay file {path} holds no prompts")
     return prompts

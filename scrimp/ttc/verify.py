@@ -19,7 +19,9 @@ from typing import Protocol, runtime_checkable
 AGGREGATIONS = ("last", "min", "prod", "mean")
 
 # "The answer is X." — take the LAST occurrence: models often restate an intermediate guess first.
-_ANSWER_IS = re.compile(r"answer\s+is\s*[:：]?\s*(.+?)\s*(?:\.\s*(?:\n|$)|\.\s+(?=[A-Z])|\n|$)", re.IGNORECASE)
+# Also "Answer: X" / "Final answer: X"; "is" must end a word ("the answer isn't 5" states nothing).
+_ANSWER_IS = re.compile(r"\banswer(?:\s+is\b\s*[:：]?|\s*[:：])\s*(.+?)\s*(?:\.\s*(?:\n|$)|\.\s+(?=[A-Z])|\n|$)",
+                        re.IGNORECASE)
 _NUMBER = re.compile(r"^[-+]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
 _STRIP_CHARS = string.whitespace + string.punctuation.replace("-", "").replace("+", "") + "“”‘’"
 
@@ -74,14 +76,18 @@ def normalize_answer(answer: str | None) -> str | None:
     if not isinstance(answer, str):
         raise TypeError(f"answer must be a str or None, got {type(answer).__name__}")
     text = " ".join(answer.lower().split())
-    text = text.replace("$", "").strip(_STRIP_CHARS)
+    # ".5" and "-.5" are numbers: keep the point from being stripped as punctuation.
+    text = re.sub(r"^([-+]?)\.(\d)", r"\g<1>0.\2", text.replace("$", "").strip())
+    text = text.strip(_STRIP_CHARS)
     # Quotes and periods inside short answers ("'onea'", "y.a.j.o") carry no meaning for matching.
     text = re.sub(r"[\"'`“”‘’]", "", text).strip(_STRIP_CHARS)
     if _NUMBER.match(text):
-        number = text.replace(",", "")
-        if "." in number:
-            number = number.rstrip("0").rstrip(".")
-        text = number.lstrip("+") or "0"
+        # One spelling per number, so that votes count "007", "7" and "7.0" as one answer.
+        sign, number = ("-", text[1:]) if text[0] == "-" else ("", text.lstrip("+"))
+        whole, _, frac = number.replace(",", "").partition(".")
+        whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
+        number = f"{whole}.{frac}" if frac else whole
+        text = number if number == "0" else sign + number
     return text or None
 
 

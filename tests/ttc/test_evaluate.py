@@ -29,6 +29,23 @@ def test_maj_at_k_equals_enumeration():
         assert maj_at_k(answers, "a", k) == pytest.approx(_brute_maj(answers, "a", k), abs=1e-12)
 
 
+def test_maj_at_k_with_several_correct_answers_equals_enumeration():
+    # A grader may accept several strings ("0.5" and "1/2"): the vote is right when it elects any.
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        n = int(rng.integers(1, 9))
+        answers = [[None, "a", "b", "c", "d"][int(i)] for i in rng.integers(0, 5, n)]
+        k = int(rng.integers(1, n + 1))
+        brute = 0.0
+        subsets = list(itertools.combinations(range(n), k))
+        for sub in subsets:
+            c = Counter(answers[i] for i in sub if answers[i] is not None)
+            if c:
+                winners = [a for a, v in c.items() if v == max(c.values())]
+                brute += sum(w in {"a", "b"} for w in winners) / len(winners)
+        assert maj_at_k(answers, {"a", "b"}, k) == pytest.approx(brute / len(subsets), abs=1e-12)
+
+
 def test_pass_at_k_equals_enumeration():
     for n in range(1, 9):
         for c in range(n + 1):

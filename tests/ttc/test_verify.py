@@ -21,6 +21,9 @@ from scrimp.ttc.verify import (
         ("no phrase here\n\n  1,000  \n", "1,000"),
         ("Concatenating them is 'yajo'. The answer is yajo.", "yajo"),
         ("", None),
+        ("Let me add them.\nFinal Answer: 42", "42"),
+        ("Answer: (B)", "(B)"),
+        ("The answer isn't 5; we must carry.\n7", "7"),
     ],
 )
 def test_extract_answer(text, expected):
@@ -35,6 +38,10 @@ def test_normalize_and_match():
     assert exact_match("$1,000$", "1000.0")
     assert not exact_match("abc", "abd")
     assert not exact_match(None, "x")
+    # numbers: one spelling each, so that votes for the same number land in one class
+    assert [normalize_answer(a) for a in (".5", "-.5", "007", "-0", "+3", "7.50", "12.")] == \
+        ["0.5", "-0.5", "7", "0", "3", "7.5", "12"]
+    assert not exact_match("5", ".5") and exact_match("-.5", "-0.5")
 
 
 def test_aggregations_match_numpy():
