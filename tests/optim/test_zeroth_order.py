@@ -366,3 +366,45 @@ def test_variance_allocator_spends_the_budget_where_gradients_are_large_and_matc
         active = counts > r
         estimate += z * ((grads[active] @ z) / counts[active]).sum() / n
     assert torch.allclose(model.theta.detach(), -lr * estimate, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("perturbation", ["hook", "inplace"])
+def test_frozen_parameters_are_neither_perturbed_nor_updated(perturbation):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    model[0].weight.requires_grad_(False)
+    frozen, x = model[0].weight.detach().clone(), torch.randn(16, 4, dtype=torch.float64)
+    trainable = model[2].weight.detach().clone()
+    seen = []
+    model[0].register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.detach().clone()))
+    opt = ZOSGD(model.parameters(), lr=0.1, eps=1e-2, perturbation=perturbation)
+    opt.step(lambda: model(x).pow(2).mean())
+    assert torch.equal(model[0].weight, frozen) and all(torch.equal(w, frozen) for w in seen)
+    assert not torch.equal(model[2].weight, trainable)  # the trainable ones did move
+
+
+def test_dropout_masks_are_the_same_for_both_probes():
+    # In training mode, f+ and f- must see one network: with equal masks the projected gradient of
+    # an eps-perturbation stays O(1) as eps shrinks; with different masks it grows like 1/eps.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5), nn.Linear(32, 1)).double().train()
+    x = torch.randn(64, 8, dtype=torch.float64)
+    grads = []
+    for eps in (1e-3, 1e-6):
+        opt = ZOSGD(model.parameters(), lr=0.0, eps=eps, seed=3)
+        torch.manual_seed(1)  # the same masks for both eps, so that only the finite difference changes
+        opt.step(lambda: model(x).pow(2).mean())
+        grads.append(float(opt.log[-1]["grads"][0]))
+    assert grads[1] == pytest.approx(grads[0], rel=1e-2)
+
+
+def test_step_after_only_skipped_micro_batches_skips_and_moves_on():
+    model = nn.Linear(3, 1)
+    opt = ZOSGD(model.parameters(), lr=0.1, eps=1e-3)
+    before = _snapshot(model)
+    with pytest.warns(RuntimeWarning, match="skipping this update"):
+        opt.accumulate(lambda: torch.tensor(float("nan")))
+    assert opt.step() is None and opt.draws == 1  # the next step gets fresh seeds
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="step\\(\\) needs a closure"):
+        opt.step()

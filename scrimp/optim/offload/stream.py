@@ -95,6 +95,9 @@ class _BlockTier:
         for position, param in enumerate(params):
             self.by_dtype.setdefault(param.dtype, []).append(position)
         self.home: dict[torch.dtype, torch.Tensor] = {}
+        # Copies first: a parameter may already live in the very file about to be truncated (a second
+        # streamer over the same directory), which would otherwise read back zeros.
+        sources = [param.detach().cpu().clone() for param in params]
         for dtype, positions in self.by_dtype.items():
             numel = sum(params[k].numel() for k in positions)
             if storage == "disk":
@@ -106,8 +109,8 @@ class _BlockTier:
                 flat = torch.empty(numel, dtype=dtype, pin_memory=pin)
             self.home[dtype] = flat
         with torch.no_grad():
-            for view, param in zip(self._views(self.home), params):
-                view.copy_(param.detach().cpu())
+            for view, param, source in zip(self._views(self.home), params, sources):
+                view.copy_(source)
                 param.data = view
         self.resident: dict[torch.dtype, torch.Tensor] | None = None
         self.ready: torch.cuda.Event | None = None

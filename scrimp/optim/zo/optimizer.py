@@ -90,6 +90,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.window: list[dict] = []
         self.log: list[dict] = []
         self._micro: list[list[float]] = []  # accumulated projected gradients, one list per micro-batch
+        self._attempted = False  # accumulate() ran since the last step (even if every micro-batch was skipped)
         self._unperturbed_warned = False
 
     # ---- parameters -------------------------------------------------------------------------------
@@ -102,8 +103,13 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 index += 1
         return out
 
+    def trainable_params(self) -> list[tuple[int, int, torch.Tensor]]:
+        """``indexed_params`` without frozen parameters (``requires_grad=False``): those are never
+        perturbed or updated, as with any torch optimizer; the others keep their global index."""
+        return [(i, g, p) for i, g, p in self.indexed_params() if p.requires_grad]
+
     def index_of(self) -> dict[int, int]:
-        return {id(p): i for i, _, p in self.indexed_params()}
+        return {id(p): i for i, _, p in self.trainable_params()}
 
     # ---- seeds and evaluation ---------------------------------------------------------------------
     def query_seeds(self, n: int | None = None) -> list[int]:
@@ -143,16 +149,30 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def _two_point(self, closure, seed: int, index_of, per_example: bool = False, indices=None):
         """(f+, f-) at theta +- eps z(seed); None if either is invalid (skip counted)."""
         call = (lambda: closure(indices)) if per_example else closure
-        params = [p for _, _, p in self.indexed_params()]
-        order = [i for i, _, _ in self.indexed_params()]
-        if self.perturbation == "inplace":
-            inplace_perturb_(params, order, seed, self.eps)
-        plus = self._evaluate_at(call, seed, self.eps, index_of)
-        if self.perturbation == "inplace":
-            inplace_perturb_(params, order, seed, -2.0 * self.eps)
-        minus = self._evaluate_at(call, seed, -self.eps, index_of)
-        if self.perturbation == "inplace":
-            inplace_perturb_(params, order, seed, self.eps)
+        params = [p for _, _, p in self.trainable_params()]
+        order = [i for i, _, _ in self.trainable_params()]
+        # f+ and f- must see the same network: a model in training mode draws its dropout masks from
+        # the global RNG, so the second forward replays the first one's random state.
+        rng_state = torch.get_rng_state()
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+            else None
+        inplace = self.perturbation == "inplace"
+        offset = 0.0  # how far the stored weights are moved (in place only), undone even if the closure raises
+        try:
+            if inplace:
+                inplace_perturb_(params, order, seed, self.eps)
+                offset = self.eps
+            plus = self._evaluate_at(call, seed, self.eps, index_of)
+            if inplace:
+                inplace_perturb_(params, order, seed, -2.0 * self.eps)
+                offset = -self.eps
+            torch.set_rng_state(rng_state)
+            if cuda_states is not None:
+                torch.cuda.set_rng_state_all(cuda_states)
+            minus = self._evaluate_at(call, seed, -self.eps, index_of)
+        finally:
+            if offset:
+                inplace_perturb_(params, order, seed, -offset)
         plus = self._finite_loss(plus, per_example)
         minus = self._finite_loss(minus, per_example) if plus is not None else None
         if plus is None or minus is None:
@@ -173,6 +193,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             raise ValueError("gradient accumulation is not combined with query_allocator; use one or the other")
         index_of = self.index_of()
         grads, losses = [], []
+        self._attempted = True  # a skipped micro-batch still makes step() without closure legitimate
         for seed in self.query_seeds():
             pair = self._two_point(closure, seed, index_of)
             if pair is None:
@@ -192,7 +213,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         LongTensor of example positions) and returns per-example losses. Without a closure, applies
         what ``accumulate`` stored. Returns the mean loss of the evaluated points (or None if skipped).
         """
-        if closure is None and not self._micro:
+        if closure is None and not self._micro and not self._attempted:
             raise ValueError(
                 "step() needs a closure that runs a forward pass and returns the loss "
                 "(zeroth-order optimizers estimate the gradient from forward passes only)"
@@ -214,6 +235,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def _finish(self, seeds: list[int], loss, apply: bool = True):
         """Average the stored micro-batch scalars, book the step; returns (loss, plan or None)."""
         micro, self._micro = self._micro, []
+        self._attempted = False
         self.draws += 1
         if not micro:
             return loss if apply else None
@@ -245,7 +267,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             step=self.steps,
         )
         if apply:
-            for index, group, param in self.indexed_params():
+            for index, group, param in self.trainable_params():
                 self.apply_plan(plan, param, index, group)
         return plan
 

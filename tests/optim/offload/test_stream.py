@@ -110,3 +110,15 @@ def test_streaming_is_generic_over_decoders_opt_blocks_found_and_parity_holds():
     training = copy.deepcopy(plain).train()
     with pytest.warns(RuntimeWarning, match="dropout"):
         ParameterStreamer(training, ZOSGD(training.parameters()), device="cpu")
+
+
+def test_a_second_disk_streamer_on_the_same_directory_keeps_the_weights(tiny, tmp_path):
+    model = copy.deepcopy(tiny).eval()
+    first = ParameterStreamer(model, ZOSGD(model.parameters(), lr=1e-3, eps=1e-3), storage="disk", device="cpu",
+                              directory=tmp_path)
+    first.step(_batch(0))
+    first.flush()
+    expect = [p.detach().clone() for p in model.parameters()]
+    ParameterStreamer(model, ZOSGD(model.parameters(), lr=1e-4, eps=1e-3), storage="disk", device="cpu",
+                      directory=tmp_path)
+    assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expect))
