@@ -74,14 +74,17 @@ def test_projected_gradients_are_freed_between_refreshes():
     assert state_bytes(opt)["other"] == (24 * 3 + 3 * 24) * 4  # the two low-rank accumulation buffers
 
 
+def train_layerwise(model, opt, part, k):
+    """Backward each micro-batch (the updates run in the hooks), then the wrapper's bookkeeping."""
+    for batch in part:
+        loss_of(model, batch, k).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def test_layerwise_state_dict_resume_matches_uninterrupted(tmp_path):
     batches = micro_batches(12)
-
-    def run(model, opt, part):
-        for batch in part:
-            loss_of(model, batch, 2).backward()
-            opt.step()
-            opt.zero_grad()
+    run = lambda model, opt, part: train_layerwise(model, opt, part, 2)  # noqa: E731
 
     factory = lambda gs: GaLoreAdamW(gs, lr=1e-2, update_proj_gap=3)
     ref_model, ref_groups = model_and_groups(rank=3)
@@ -139,12 +142,7 @@ def test_loaded_hyper_parameters_drive_the_hooks_and_schedulers(name, tmp_path):
     # and a scheduler attached after the load must still reach the updates.
     projection, factory = FACTORIES[name]
     batches = micro_batches(8)
-
-    def run(model, opt, part):
-        for batch in part:
-            loss_of(model, batch, 1).backward()
-            opt.step()
-            opt.zero_grad()
+    run = lambda model, opt, part: train_layerwise(model, opt, part, 1)  # noqa: E731
 
     ref_model, ref_groups = model_and_groups(**projection)
     ref = layerwise(ref_model, factory, accumulate=1, groups=ref_groups)
