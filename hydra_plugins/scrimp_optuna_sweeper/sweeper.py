@@ -119,11 +119,15 @@ class ScrimpOptunaSweeper(Sweeper):
         study = optuna.create_study(study_name=name, storage=make_storage(url), sampler=sampler, pruner=pruner,
                                     directions=self.directions, load_if_exists=True)
         resumed = len(study.get_trials(deepcopy=False))
-        seed = self.sampler.get("seed") if isinstance(self.sampler, dict | DictConfig) else None
+        # Hydra hands the sampler over already built (recursive instantiation); its config is in the
+        # job's hydra.sweeper node (or in self.sampler when the sweeper is built by hand).
+        sampler_cfg = self.sampler if isinstance(self.sampler, dict | DictConfig) else \
+            self.config.hydra.sweeper.get("sampler")
+        seed = sampler_cfg.get("seed") if isinstance(sampler_cfg, dict | DictConfig) else None
         if resumed and seed is not None:
             # A resumed study with a seeded sampler would replay the first run's random draws (the
             # same startup points again); continue the seed sequence instead, still reproducibly.
-            study.sampler = instantiate(self.sampler, seed=int(seed) + resumed)
+            study.sampler = instantiate(sampler_cfg, seed=int(seed) + resumed)
         # The pruner is not part of Optuna's storage; its config is, so that a trial job anywhere can
         # rebuild it and decide on pruning (scrimp.training.callbacks.OptunaPruningCallback).
         pruner_cfg = self.config.hydra.sweeper.get("pruner")

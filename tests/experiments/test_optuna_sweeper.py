@@ -104,17 +104,23 @@ def test_sweep_records_trials_and_a_pruned_one_in_sqlite_and_resumes(tmp_path):
         assert summary["config"]["optuna_trial"]["number"] == t.number
 
 
-def test_a_resumed_seeded_study_draws_new_points(tmp_path):
+@pytest.mark.parametrize("built_by_hydra", [True, False])
+def test_a_resumed_seeded_study_draws_new_points(tmp_path, built_by_hydra):
     from omegaconf import OmegaConf
 
     from hydra_plugins.scrimp_optuna_sweeper.sweeper import ScrimpOptunaSweeper
 
     space = {"x": FloatDistribution(0.0, 1.0)}
+    sampler_cfg = {"_target_": "optuna.samplers.RandomSampler", "seed": 0}
 
     def one_invocation():
-        sweeper = ScrimpOptunaSweeper(sampler={"_target_": "optuna.samplers.RandomSampler", "seed": 0},
-                                      storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s", n_trials=1)
-        sweeper.config = OmegaConf.create({"hydra": {"job": {"name": "j"}, "sweeper": {"pruner": None}}})
+        # Hydra instantiates nested _target_ nodes before the sweeper sees them: the sampler arrives
+        # built, and its config is only in hydra.sweeper.sampler.
+        sampler = optuna.samplers.RandomSampler(seed=0) if built_by_hydra else sampler_cfg
+        sweeper = ScrimpOptunaSweeper(sampler=sampler, storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s",
+                                      n_trials=1)
+        sweeper.config = OmegaConf.create({"hydra": {"job": {"name": "j"},
+                                                     "sweeper": {"pruner": None, "sampler": sampler_cfg}}})
         sweeper.sweep_dir = tmp_path
         study = sweeper._study()
         trial = study.ask(space)
