@@ -203,10 +203,10 @@ def knapsack(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.r
         value = post.expected_coverage(pilots[:, None] + np.arange(extra_cap + 1)[None, :])
     else:
         table, _ = _dirichlet_table(held)
-        value = np.stack([expected_mode_majority(table[i:i + 1], np.arange(extra_cap + 1) + pilots[i],
-                                                 prior=prior)[0] for i in range(len(ids))]) \
-            if np.any(pilots != pilots[0]) else \
-            expected_mode_majority(table, np.arange(extra_cap + 1) + pilots[0], prior=prior)
+        value = np.empty((len(ids), extra_cap + 1))
+        for size in np.unique(pilots):  # one call per pilot size (all prompts, unless some are short)
+            rows = pilots == size
+            value[rows] = expected_mode_majority(table[rows], np.arange(extra_cap + 1) + size, prior=prior)
     # No value beyond what a prompt has recorded: the solver then never buys samples it cannot draw.
     value = np.where(np.arange(extra_cap + 1)[None, :] <= room[:, None], value,
                      value[np.arange(len(ids)), room][:, None])

@@ -136,14 +136,11 @@ def test_policies_run_when_a_prompt_has_fewer_samples_than_the_pilot(esc_prompts
 
     prompts = _uneven(esc_prompts, 20)
     prompts[0] = dataclasses.replace(prompts[0], samples=prompts[0].samples[:1])
-    for policy in ("uniform", "knapsack", "sequential", "compute_optimal"):
-        extra = {"prompts": prompts} if policy == "compute_optimal" else {}
-        try:
-            out = run_policy(policy, ReplayGenerator(prompts, seed=0), [p.id for p in prompts], 4, seed=0,
-                             pilot=2, **extra)
-        except TypeError:  # compute_optimal takes its plan differently; covered by its own tests
-            continue
-        assert out.spent[0] <= 1 and out.spent.sum() <= 4 * len(prompts)
+    plan = fit_compute_optimal(esc_prompts[100:160], pilot=2, repeats=2)  # calibrated on other prompts
+    for policy, params in (("uniform", {}), ("knapsack", {"pilot": 2}), ("sequential", {"pilot": 2}),
+                           ("compute_optimal", {"plan": plan})):
+        out = run_policy(policy, ReplayGenerator(prompts, seed=0), [p.id for p in prompts], 4, seed=0, **params)
+        assert out.spent[0] <= 1 and out.spent.sum() <= 4 * len(prompts), policy
 
 
 def test_uniform_baseline_caps_k_at_what_a_prompt_recorded(esc_prompts):
