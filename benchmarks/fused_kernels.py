@@ -9,8 +9,8 @@ Side by side, in one run, per shape (rows x cols, rank) and weight dtype (fp32; 
 fp32 states):
 - ``fused``: ``projected_adam_step(backend="triton")`` (two Triton launches);
 - ``torch``: ``scrimp.optim.functional.projected_adam_step_torch`` (the same math, unfused);
-- ``galore_torch``: ``galore_torch.GaLoreAdamW.step`` on one parameter (Zhao et al., 2024; its SVD
-  refresh kept out of the timed steps);
+- ``galore_torch``: ``galore_torch.GaLoreAdamW.step`` on one parameter (Zhao et al., 2024), its
+  projector preset to the same P, so no SVD is computed or timed;
 - ``adamw``: ``torch.optim.AdamW(fused=True)`` full-rank step on the same W (the cost to stay under).
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events). The floor is the bytes a step must
@@ -29,7 +29,8 @@ import statistics
 import sys
 import time
 
-GPU_SHAPES = [(4096, 4096, 128), (4096, 11008, 32), (4096, 11008, 128), (4096, 11008, 512), (8192, 28672, 512)]
+# The target shape first: a run cut short by --budget-s still answers the issue's main questions.
+GPU_SHAPES = [(4096, 11008, 128), (4096, 4096, 128), (4096, 11008, 32), (4096, 11008, 512), (8192, 28672, 512)]
 SMOKE_SHAPES = [(48, 80, 8), (80, 48, 16)]
 
 
@@ -42,8 +43,72 @@ def parse_args(argv=None):
                              "print registers, spilled stack bytes, shared memory and the MMA instruction used")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of weight dtypes: fp32, bf16")
     parser.add_argument("--residuals", default="none,sign_sgd", help="comma list: none, sign_sgd, sgd")
-    parser.add_argument("--json", default=None, help="also write every measured number to this JSON file")
-    return parser.parse_args(argv)
+    parser.add_argument("--json", default=None, help="also write every measured number to this JSON file "
+                        "(rewritten after each case, so a run cut short keeps what it measured)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma list of MxNxR to run instead of the default list, e.g. 4096x11008x128")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new case after this many seconds; the table covers the cases done")
+    args = parser.parse_args(argv)
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be a positive number of seconds, got {args.budget_s}")
+    if args.shapes is not None:
+        try:
+            args.shapes = [tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")]
+        except ValueError:
+            args.shapes = None
+        if not args.shapes or any(len(s) != 3 or min(s) < 1 for s in args.shapes):
+            parser.error("--shapes must be a comma list of MxNxR with positive integers, e.g. 4096x11008x128")
+    return args
+
+
+def load_galore_adamw():
+    """galore-torch's ``GaLoreAdamW`` (Zhao et al., 2024), or ``(None, reason)`` when it cannot be imported.
+
+    ``import galore_torch`` also imports its 8-bit optimizer, hence bitsandbytes, which the AdamW
+    compared here never uses. Where bitsandbytes is missing (GPU images often lack it) the two
+    modules the AdamW needs are loaded by file, under a package shell that skips ``__init__``.
+    """
+    try:
+        import galore_torch
+
+        return galore_torch.GaLoreAdamW, None
+    except ModuleNotFoundError as err:
+        if err.name == "galore_torch":
+            return None, "galore-torch not installed (dev extra)"
+        missing = err.name
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("galore_torch")
+    shell = types.ModuleType("galore_torch")
+    shell.__path__ = list(spec.submodule_search_locations)
+    saved = sys.modules.get("galore_torch")
+    sys.modules["galore_torch"] = shell
+    try:
+        from galore_torch.adamw import AdamW
+    except ImportError as err:
+        return None, f"galore-torch's AdamW does not import ({err})"
+    finally:
+        if saved is not None:
+            sys.modules["galore_torch"] = saved
+    return AdamW, f"loaded without galore_torch/__init__ ({missing} missing)"
+
+
+def galore_torch_optimizer(GaLoreAdamW, w, P, rank, side):
+    """A galore-torch AdamW on one parameter whose projector is already P: no SVD at the first step.
+
+    galore-torch computes its projector when ``step % update_proj_gap == 0``, so the state starts at
+    step 1 with ``ortho_matrix`` set to what its SVD would store (left: U[:, :r]; right: Vh[:r]).
+    """
+    from galore_torch.galore_projector import GaLoreProjector
+
+    opt = GaLoreAdamW([{"params": [w], "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}],
+                      lr=1e-3, weight_decay=0.01, no_deprecation_warning=True)
+    projector = GaLoreProjector(rank, update_proj_gap=10**9, scale=0.25, proj_type="std")
+    projector.ortho_matrix = P if side == "left" else P.T.contiguous()
+    opt.state[w].update(step=1, projector=projector)
+    return opt
 
 
 def galore_side(m: int, n: int) -> str:
@@ -100,7 +165,7 @@ def copy_bandwidth(torch, device, timer, n_bytes):
     return 2 * n_bytes / (ms * 1e-3) / 1e9
 
 
-def one_case(torch, kernels, functional, galore_torch, device, timer, m, n, rank, dtype, residual):
+def one_case(torch, kernels, functional, GaLoreAdamW, device, timer, m, n, rank, dtype, residual):
     gen = torch.Generator(device="cpu").manual_seed(m * 7 + n * 3 + rank)
     side = galore_side(m, n)
     p_rows = m if side == "left" else n
@@ -131,15 +196,15 @@ def one_case(torch, kernels, functional, galore_torch, device, timer, m, n, rank
     Wt, mt, vt = state()
     torch_ms = timer(lambda: functional.projected_adam_step_torch(Wt, G, P, mt, vt, step=5, **hyper))
 
+    # The same call timed a second time: the spread between the two is the noise of this run.
+    fused_again_ms = timer(lambda: kernels.projected_adam_step(Wf, G, P, mf, vf, step=5, backend="triton", **hyper))
+
     galore_ms = float("nan")  # galore-torch has no residual rule: timed on GaLore rows only
-    if residual is None:
+    if residual is None and GaLoreAdamW is not None:
         w = torch.nn.Parameter(W0.clone())
         w.grad = G.clone()
-        opt = galore_torch.GaLoreAdamW(
-            [{"params": [w], "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}],
-            lr=1e-3, weight_decay=0.01,
-        )
-        opt.step()  # the SVD projector is computed here, outside the timed steps
+        opt = galore_torch_optimizer(GaLoreAdamW, w, P, rank, side)
+        opt.step()
         galore_ms = timer(opt.step)
 
     w = torch.nn.Parameter(W0.clone())
@@ -151,7 +216,7 @@ def one_case(torch, kernels, functional, galore_torch, device, timer, m, n, rank
     w_bytes = torch.finfo(dtype).bits // 8
     return dict(
         shape=f"{m}x{n}", rank=rank, dtype=str(dtype).replace("torch.", ""), side=side,
-        residual=residual or "none", fused_ms=fused_ms, torch_ms=torch_ms, galore_torch_ms=galore_ms,
+        residual=residual or "none", fused_ms=fused_ms, fused_again_ms=fused_again_ms, torch_ms=torch_ms, galore_torch_ms=galore_ms,
         adamw_fused_ms=adamw_ms, floor_bytes=floor_bytes(m, n, rank, w_bytes, w_bytes),
         model_bytes=fused_model_bytes(m, n, rank, w_bytes, w_bytes, residual),
         rel_err_vs_torch=rel, rel_err_states=rel_states,
@@ -271,7 +336,7 @@ def main(argv=None):
     if not args.interpret_smoke and not torch.cuda.is_available():
         sys.exit("benchmarks/fused_kernels.py measures GPU kernels and needs CUDA; none is visible here. "
                  "Run it on a GPU machine, or pass --interpret-smoke for a CPU check that the script works.")
-    import galore_torch
+    GaLoreAdamW, galore_note = load_galore_adamw()
 
     import scrimp.optim.kernels as kernels
     from scrimp.optim import functional
@@ -281,7 +346,7 @@ def main(argv=None):
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     chosen = [dtypes[d] for d in args.dtypes.split(",")]
     residuals = [None if r == "none" else r for r in args.residuals.split(",")]
-    shapes = SMOKE_SHAPES if args.interpret_smoke else GPU_SHAPES
+    shapes = args.shapes or (SMOKE_SHAPES if args.interpret_smoke else GPU_SHAPES)
     timer = make_timer(device)
     copy_gbs = copy_bandwidth(torch, device, timer, (1 << 24) if args.interpret_smoke else (1 << 30))
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter smoke)"
@@ -293,30 +358,57 @@ def main(argv=None):
         def track(x, description=""):
             return x
     cases = [(s, d, r) for s in shapes for d in chosen for r in residuals]
-    for (m, n, rank), dtype, residual in track(cases, description="benchmarking"):
-        rows.append(one_case(torch, kernels, functional, galore_torch, device, timer, m, n, rank, dtype, residual))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    failures, skipped, started = [], 0, time.perf_counter()
 
-    winners = {}
-    if device.type == "cuda":
-        winners = {
+    def winners():
+        if device.type != "cuda":
+            return {}
+        return {
             "projection": {str(k): str(v) for k, v in projection._project_adam_tuned.cache.items()},
             "back_projection": {str(k): str(v) for k, v in back_projection._back_project_update_tuned.cache.items()},
         }
+
+    def save():
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump({"device": device_name, "torch": torch.__version__, "copy_GBps": copy_gbs,
+                           "galore_torch": galore_note, "rows": rows, "failures": failures,
+                           "autotune": winners()}, fh, indent=1)
+            os.replace(tmp, args.json)
+
+    for index, ((m, n, rank), dtype, residual) in enumerate(track(cases, description="benchmarking")):
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            skipped = len(cases) - index
+            break
+        label = f"{m}x{n} r{rank} {dtype} {residual or 'none'}"
+        try:
+            rows.append(one_case(torch, kernels, functional, GaLoreAdamW, device, timer, m, n, rank, dtype, residual))
+            r = rows[-1]
+            print(f"case {index + 1}/{len(cases)} {label}: fused {r['fused_ms']:.3f} ms (again "
+                  f"{r['fused_again_ms']:.3f}), torch {r['torch_ms']:.3f}, AdamW {r['adamw_fused_ms']:.3f}", flush=True)
+        except Exception as err:  # noqa: BLE001 - one failing case must not lose the others' numbers
+            if not device.type == "cuda":
+                raise
+            failures.append({"case": label, "error": f"{type(err).__name__}: {err}"[:500]})
+            print(f"case {index + 1}/{len(cases)} {label}: FAILED {failures[-1]['error']}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
     print(f"\ndevice: {device_name}; torch {torch.__version__}; copy bandwidth {copy_gbs:.0f} GB/s (read+write)")
     if args.interpret_smoke:
         print("interpret smoke: CPU times of the Triton interpreter, not kernel performance")
-    for name, table in winners.items():
+    print(f"galore-torch: {galore_note or 'imported'}")
+    for name, table in winners().items():
         for key, cfg in table.items():
             print(f"autotune {name} {key}: {cfg}")
+    if skipped:
+        print(f"--budget-s {args.budget_s:g} reached: {skipped} of {len(cases)} cases not run")
     print()
     print(markdown(rows, copy_gbs))
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"device": device_name, "copy_GBps": copy_gbs, "rows": rows, "autotune": winners}, fh, indent=1)
-        os.replace(tmp, args.json)
+    save()
+    if failures:
+        sys.exit(f"{len(failures)} case(s) failed: " + "; ".join(f"{f['case']}: {f['error']}" for f in failures))
     # The torch path computes in P's dtype (bf16 here for bf16 weights), the kernels in fp32.
     bad = [r for r in rows if not (r["rel_err_states"] < (1e-4 if r["dtype"] == "float32" else 5e-2)
                                    and (r["dtype"] != "float32" or r["rel_err_vs_torch"] < 1e-3))]

@@ -19,3 +19,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    """With SCRIMP_FAILURE_LOG set, append each failure's traceback to that file as it happens.
+
+    For runs under a hard time limit (the GPU session script): pytest prints tracebacks only at the
+    end, which a killed run never reaches. Under xdist this hook runs in the controller too.
+    """
+    path = os.environ.get("SCRIMP_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as fh:
+            fh.write(f"==== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n")

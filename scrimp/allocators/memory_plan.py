@@ -131,6 +131,30 @@ def _make_mode(tracker: _LiveBytesTracker):
     return _Mode()
 
 
+def _scalars_on_cpu():
+    """A mode in which ``torch.tensor(<python number>)`` without a device lands on the CPU, not on meta.
+
+    torch's optimizers keep their step counter as such a CPU scalar and read it with ``.item()``.
+    torch 2.13 passes ``device="cpu"`` itself; torch 2.11 did not, so under the meta default device
+    its Adam made a meta counter and ``.item()`` failed (seen on an H200 image, 2026-11-27). This
+    gives every version the 2.13 placement; tensors built from other tensors stay on meta.
+    """
+    import numbers
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class _Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if (func is torch.tensor and kwargs.get("device") is None and args
+                    and isinstance(args[0], numbers.Number)):
+                kwargs["device"] = "cpu"
+            return func(*args, **kwargs)
+
+    return _Mode()
+
+
 def _state_tensors(optimizer):
     import torch
 
@@ -228,7 +252,8 @@ def estimate_peak(
                         del loss
                         tracker.label([p.grad for p in model.parameters() if p.grad is not None], "gradients")
                     elif name == "optimizer":
-                        optimizer.step()
+                        with _scalars_on_cpu():
+                            optimizer.step()
                         tracker.label(_state_tensors(optimizer), "optimizer_state")
                     else:
                         optimizer.zero_grad(set_to_none=True)

@@ -242,6 +242,12 @@ def train(cfg: DictConfig) -> dict:
         )
     # -- training -------------------------------------------------------------------------------
     trainer = build_trainer(cfg, run_dir, extra_callbacks=_pruning_callbacks(cfg))
+    if module.mode == "layerwise" and trainer.world_size > 1:
+        raise ValueError(
+            f"optim.layerwise=true cannot run on {trainer.world_size} processes: each layer is updated inside "
+            "backward, before DDP has averaged its gradient, so the ranks' weights would drift apart; "
+            "use one process or optim.layerwise=false"
+        )
     throughput = next(c for c in trainer.callbacks if isinstance(c, ThroughputMemoryCallback))
     consistency = next(c for c in trainer.callbacks if isinstance(c, RankConsistencyCallback))
     status = "completed"

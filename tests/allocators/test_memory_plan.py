@@ -80,6 +80,38 @@ def test_peak_estimate_of_an_mlp_step_matches_measured_cpu_bytes():
     assert estimate.by_category["optimizer_state"] >= 2 * params  # AdamW's two moments, live from step 1 on
 
 
+class StepCounterSGD(torch.optim.Optimizer):
+    """SGD with momentum that keeps its step count as torch 2.11's Adam did: ``torch.tensor(0.0)`` with
+    no device, read back with ``.item()``. Under the estimate's meta default device that counter
+    became a meta tensor and ``.item()`` failed on the H200 image (torch 2.11, 2026-11-27)."""
+
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["momentum"] = torch.zeros_like(p)
+                state["step"] += 1
+                lr = group["lr"] / state["step"].item() ** 0.5
+                state["momentum"].mul_(0.9).add_(p.grad)
+                p.add_(state["momentum"], alpha=-lr)
+
+
+def test_peak_estimate_with_a_cpu_step_counter_matches_measured_cpu_bytes():
+    sgd = lambda m: StepCounterSGD(m.parameters())  # noqa: E731
+    estimate = estimate_peak(mlp, sgd, mlp_batch, device="cpu", loss_fn=mlp_loss)
+    check_estimate(estimate, measured_peak(mlp, sgd, mlp_batch, mlp_loss))
+    params = sum(p.numel() * 4 for p in mlp().parameters())
+    assert estimate.by_category["optimizer_state"] >= params  # the momentum buffers
+
+
 def test_peak_estimate_of_llama_tiny_matches_measured_cpu_bytes():
     model_fn = lambda: build_model("llama_tiny", seed=0)  # noqa: E731
     estimate = estimate_peak(model_fn, adamw, tiny_batch, device="cpu")

@@ -159,6 +159,8 @@ def _assert_not_started(run_dir: Path):
         (["model.name=llama_huge"], r"^model.name 'llama_huge' is not a known model; choose one of .*llama_tiny"),
         (["data=text_files", "data.path=/nonexistent/corpus"], r"^data.path '/nonexistent/corpus' does not exist$"),
         (["optim.rank=128"], r"rank must be below min\(m, n\) = 128"),
+        (["trainer=ddp_cpu", "optim=galore", "optim.layerwise=true", "module.grad_clip=null"],
+         r"^optim.layerwise=true cannot run on 2 processes: .* use one process or optim.layerwise=false$"),
     ],
 )
 def test_bad_input_is_one_sentence_before_training(small_cfg, tmp_path, overrides, message):

@@ -7,6 +7,7 @@ decorates a kernel.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -113,23 +114,26 @@ def projected_adam_step_triton(
                 raise ValueError(f"workspace {name} must be float32 of shape {(rows, rank)} on {W.device}")
         if residual is not None and projected is None:
             raise ValueError("workspace R is required when a residual rule is on")
-    low_precision_dot = (not INTERPRETED) and g.dtype == p.dtype and g.dtype in (torch.bfloat16, torch.float16)
-    launch_project_adam(
-        g, p, m, v, m_out, v_out, normalized, projected,
-        beta1=beta1, beta2=beta2, eps=eps, bias_correction=bias_correction(step, beta1, beta2),
-        dot_precision=dot_precision, low_precision_dot=low_precision_dot, interpret=INTERPRETED,
-        config=launch_configs[0],
-    )
-    residual_ratio = None
-    if residual == "scaled":
-        # ||N|| / ||R|| over the whole low-rank matrices (0 when R = 0), as functional.residual_update;
-        # kept on the device so the step never waits on the host.
-        r_norm = torch.linalg.vector_norm(projected)
-        ratio = torch.linalg.vector_norm(normalized) / r_norm
-        residual_ratio = torch.where(r_norm > 0, ratio, torch.zeros_like(ratio)).reshape(1)
-    launch_back_project_update(
-        w, w_out, g, p, normalized, projected,
-        lr=lr, weight_decay=weight_decay, scale=scale, residual=residual, residual_lr_scale=residual_lr_scale,
-        residual_ratio=residual_ratio,
-        dot_precision=dot_precision, interpret=INTERPRETED, config=launch_configs[1],
-    )
+    # Triton launches on the current CUDA device, not the tensors' (torch ops guard this themselves):
+    # without this, a weight on cuda:1 while cuda:0 is current would be read by the wrong device.
+    with torch.cuda.device(W.device) if W.is_cuda else contextlib.nullcontext():
+        low_precision_dot = (not INTERPRETED) and g.dtype == p.dtype and g.dtype in (torch.bfloat16, torch.float16)
+        launch_project_adam(
+            g, p, m, v, m_out, v_out, normalized, projected,
+            beta1=beta1, beta2=beta2, eps=eps, bias_correction=bias_correction(step, beta1, beta2),
+            dot_precision=dot_precision, low_precision_dot=low_precision_dot, interpret=INTERPRETED,
+            config=launch_configs[0],
+        )
+        residual_ratio = None
+        if residual == "scaled":
+            # ||N|| / ||R|| over the whole low-rank matrices (0 when R = 0), as functional.residual_update;
+            # kept on the device so the step never waits on the host.
+            r_norm = torch.linalg.vector_norm(projected)
+            ratio = torch.linalg.vector_norm(normalized) / r_norm
+            residual_ratio = torch.where(r_norm > 0, ratio, torch.zeros_like(ratio)).reshape(1)
+        launch_back_project_update(
+            w, w_out, g, p, normalized, projected,
+            lr=lr, weight_decay=weight_decay, scale=scale, residual=residual, residual_lr_scale=residual_lr_scale,
+            residual_ratio=residual_ratio,
+            dot_precision=dot_precision, interpret=INTERPRETED, config=launch_configs[1],
+        )

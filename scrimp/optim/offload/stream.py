@@ -315,7 +315,7 @@ class ParameterStreamer:
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a 2-D LongTensor (batch, sequence)")
-        labels = input_ids if labels is None else labels
+        labels = (input_ids if labels is None else labels).to(self.device)  # a custom loss_fn gets them beside the logits
         opt = self.optimizer
         seeds = opt.query_seeds()
         slices = [(seed, sign * opt.eps) for seed in seeds for sign in (1.0, -1.0)]

@@ -124,7 +124,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         if not bool(torch.isfinite(loss).all()):
             self._skip(f"the closure returned a non-finite loss ({loss.flatten()[:4].tolist()})")
             return None
-        return loss.to(torch.float64)
+        # On the CPU from here on: the estimate's arithmetic is a handful of scalars (and, with the
+        # query allocator, numpy), and the finiteness check above has already synchronized.
+        return loss.detach().to(device="cpu", dtype=torch.float64)
 
     def _skip(self, why: str) -> None:
         self.skipped += 1
