@@ -25,9 +25,10 @@ def pytest_runtest_logreport(report):
     """With SCRIMP_FAILURE_LOG set, append each failure's traceback to that file as it happens.
 
     For runs under a hard time limit (the GPU session script): pytest prints tracebacks only at the
-    end, which a killed run never reaches. Under xdist this hook runs in the controller too.
+    end, which a killed run never reaches. Under xdist the controller writes it; the workers, which
+    see the same report first, do not (the H200 log had every failure twice).
     """
     path = os.environ.get("SCRIMP_FAILURE_LOG")
-    if path and report.failed:
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(path, "a") as fh:
             fh.write(f"==== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n")

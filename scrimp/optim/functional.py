@@ -46,9 +46,7 @@ def adam_direction_(
         # One pass instead of eight: torch's fused AdamW kernel on a zero "parameter" with lr 1
         # leaves -N in it (its eps' = eps / sqrt(1 - b2^t) makes its formula equal this one).
         out = torch.zeros_like(exp_avg)
-        # The step count lives on the moments' device: CUDA's kernel refuses a CPU one.
-        step_t = torch.full((), float(step), dtype=torch.float32, device=exp_avg.device)  # a fill, not a copy
-        torch._fused_adamw_([out], [grad], [exp_avg], [exp_avg_sq], [], [step_t], lr=1.0,
+        torch._fused_adamw_([out], [grad], [exp_avg], [exp_avg_sq], [], [_step_tensor(step, exp_avg.device)], lr=1.0,
                             beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps / math.sqrt(1.0 - beta2**step),
                             amsgrad=False, maximize=False)
         return out.neg_()
@@ -277,6 +275,12 @@ def residual_only_step_torch(
     apply_update_(W, update, -lr * residual_lr_scale)
 
 
+def _step_tensor(step: int, device: torch.device) -> Tensor:
+    """The step count as ``torch._fused_adamw_`` wants it: on the tensors' device (CUDA's kernel refuses a
+    CPU one), made by a fill kernel rather than a host-to-device copy that would wait for the stream."""
+    return torch.full((), float(step), dtype=torch.float32, device=device)
+
+
 def _fused_adamw_ok(params: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
                     moments: Sequence[Sequence[Tensor]] = ()) -> bool:
     """Whether torch's fused AdamW kernel computes the right thing for these lists.
@@ -336,9 +340,7 @@ def adam_step_foreach(
     if _fused_adamw_ok(params, grads, scale, (exp_avgs, exp_avg_sqs)):
         # torch's one-pass AdamW kernel computes m_hat / (sqrt(v_hat) + eps'); with
         # eps' = eps / sqrt(1 - b2^t) that is exactly the HF formula above (up to rounding).
-        # On each parameter's device (CUDA's kernel refuses CPU step counts), made by a fill kernel
-        # rather than a host-to-device copy, which would wait for the stream once per parameter.
-        steps = [torch.full((), float(step), dtype=torch.float32, device=p.device) for p in params]
+        steps = [_step_tensor(step, p.device) for p in params]
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
                             weight_decay=weight_decay, eps=eps / math.sqrt(1.0 - beta2**step), amsgrad=False,
                             maximize=False)

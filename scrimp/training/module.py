@@ -52,6 +52,17 @@ def optimization_mode(optimizer) -> str:
     return "manual"
 
 
+def check_layerwise_world_size(mode: str, world_size: int) -> None:
+    """Refuse layer-wise updates on several processes: each layer steps inside backward, on its rank's
+    own gradient, before DDP has averaged it, so the ranks' weights would drift apart."""
+    if mode == "layerwise" and world_size > 1:
+        raise ValueError(
+            f"optim.layerwise=true cannot run on {world_size} processes: each layer is updated inside "
+            "backward, before DDP has averaged its gradient, so the ranks' weights would drift apart; "
+            "use one process or optim.layerwise=false"
+        )
+
+
 class CausalLMModule(L.LightningModule):
     """LLaMA causal-LM training with the optimizer built by ``scrimp.optim.build``.
 
@@ -126,6 +137,7 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.build_optimizer()
+        check_layerwise_world_size(self.mode, self.trainer.world_size)
         scheduler = WarmupCosineScheduler(optimizer, self.hparams.warmup_steps, self._total_steps(),
                                           self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -34,7 +34,7 @@ from scrimp.training.callbacks import (
     ThroughputMemoryCallback,
 )
 from scrimp.training.models import LLAMA_SIZES
-from scrimp.training.module import CausalLMModule, check_checkpoint_optimizer
+from scrimp.training.module import CausalLMModule, check_checkpoint_optimizer, check_layerwise_world_size
 
 SUMMARY_KEYS = (
     "status",          # "completed" or "pruned"
@@ -242,12 +242,7 @@ def train(cfg: DictConfig) -> dict:
         )
     # -- training -------------------------------------------------------------------------------
     trainer = build_trainer(cfg, run_dir, extra_callbacks=_pruning_callbacks(cfg))
-    if module.mode == "layerwise" and trainer.world_size > 1:
-        raise ValueError(
-            f"optim.layerwise=true cannot run on {trainer.world_size} processes: each layer is updated inside "
-            "backward, before DDP has averaged its gradient, so the ranks' weights would drift apart; "
-            "use one process or optim.layerwise=false"
-        )
+    check_layerwise_world_size(module.mode, trainer.world_size)  # here too, so no process is started first
     throughput = next(c for c in trainer.callbacks if isinstance(c, ThroughputMemoryCallback))
     consistency = next(c for c in trainer.callbacks if isinstance(c, RankConsistencyCallback))
     status = "completed"

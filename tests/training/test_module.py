@@ -44,6 +44,22 @@ def test_layerwise_clipping_is_refused_in_one_sentence():
         module.build_optimizer()
 
 
+def test_layerwise_under_ddp_is_refused_by_the_module_itself():
+    # A library user's own Trainer, not experiments/train.py: the module refuses when its optimizers
+    # are configured, which Lightning does in every rank before the first step.
+    import lightning as L
+
+    module = CausalLMModule("llama_tiny", {"name": "galore", "rank": 8, "layerwise": True}, vocab_size=256,
+                            grad_clip=None, total_steps=10)
+    module.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                               enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"^optim.layerwise=true cannot run on 2 processes: "):
+        module.configure_optimizers()
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False)
+    assert module.configure_optimizers()["optimizer"] is module.build_optimizer()
+
+
 def test_layerwise_manual_path_equals_automatic_path(small_cfg, tmp_path):
     # One projector (gap > steps): later SVDs of gradients that differ in the 7th digit may rotate
     # a near-degenerate subspace, which is sensitivity of the SVD, not of the optimization path.

@@ -338,7 +338,7 @@ class ParameterStreamer:
         del logits
         checked = []
         for loss in losses:  # the first invalid loss skips the step (counted once)
-            checked.append(opt._finite_loss(loss.cpu(), reduce_examples=False))
+            checked.append(opt._finite_loss(loss, reduce_examples=False))
             if checked[-1] is None:
                 opt.draws += 1
                 return None
