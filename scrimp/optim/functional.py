@@ -92,6 +92,16 @@ def subspace_residual(G: Tensor, P: Tensor, side: str, R: Tensor | None = None) 
     return torch.addmm(G, R, P.t(), alpha=-1.0)
 
 
+def norm_ratio(direction: Tensor, low_rank_grad: Tensor) -> Tensor:
+    """``||direction|| / ||low_rank_grad||`` over the whole matrices (0 when the gradient is 0), a 0-d fp32 tensor.
+
+    Kept on the tensors' device, so the step never waits on the host; the fused kernels use it too.
+    """
+    g_norm = torch.linalg.vector_norm(low_rank_grad.float())
+    ratio = torch.linalg.vector_norm(direction.float()) / g_norm
+    return torch.where(g_norm > 0, ratio, torch.zeros_like(ratio))
+
+
 def residual_update(
     res: Tensor, rule: str | None, *, low_rank_grad: Tensor | None = None, direction: Tensor | None = None
 ) -> Tensor | None:
@@ -111,9 +121,7 @@ def residual_update(
     if rule == "scaled":
         if low_rank_grad is None or direction is None:
             raise ValueError("residual rule 'scaled' needs low_rank_grad and direction")
-        g_norm = float(torch.linalg.vector_norm(low_rank_grad.float()))
-        ratio = float(torch.linalg.vector_norm(direction.float())) / g_norm if g_norm > 0 else 0.0
-        return res * ratio
+        return res * norm_ratio(direction, low_rank_grad)
     raise ValueError(f"residual rule must be one of {RESIDUAL_RULES}, got {rule!r}")
 
 

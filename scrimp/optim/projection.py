@@ -14,12 +14,15 @@ Kinds (``PROJECTORS``):
   directions carry almost none of the update). Use it where refresh steps stall the run.
 - ``rsvd``: randomized SVD with power iterations (Halko, Martinsson & Tropp, 2011), seeded.
 - ``random``: seeded Gaussian made semi-orthogonal by QR; only the seed and refresh count are
-  stored and the matrix is regenerated each step (as Flora/FRUGAL's random projections).
+  stored and the matrix is regenerated each step (as Flora/FRUGAL's random projections), on the
+  parameter's device.
 - ``randperm``: a seeded random subset of r rows (left side) or columns (right side).
+  Coordinate kinds (this one, ``rows``/``columns`` and ``randk``) keep their int32 indices from
+  one refresh to the next.
 - ``rows`` / ``columns``: a contiguous window of r rows / columns that moves cyclically at each
   refresh (deterministic coordinate rotation).
-- ``randk``: a seeded random subset of k entries of the matrix (FRUGAL's RandK); the int32
-  indices are stored (drawing them is O(mn)).
+- ``randk``: a seeded random subset of k entries of the matrix (FRUGAL's RandK); drawing them
+  is O(mn).
 - ``blocks``: whole parameters in rotation (BAdam, Luo et al., 2024): the engine decides which
   parameters are active; handled in ``subspace.py``.
 - ``full``: the identity (density 1: plain Adam); ``none``: an empty subspace (rank 0, state-free).
@@ -72,8 +75,8 @@ def mix_seed(*parts: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-def _generator(seed: int) -> torch.Generator:
-    gen = torch.Generator(device="cpu")
+def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
 
@@ -113,10 +116,21 @@ def rsvd_basis(G: Tensor, rank: int, side: str, *, seed: int, power_iters: int =
 
 
 def random_basis(dim: int, rank: int, *, seed: int, device: torch.device) -> Tensor:
-    """A seeded (dim, rank) matrix with orthonormal columns: QR of a Gaussian (sign-fixed, so unique)."""
-    gauss = torch.randn(dim, rank, generator=_generator(seed))
+    """A seeded (dim, rank) matrix with orthonormal columns: QR of a Gaussian (sign-fixed, so unique).
+
+    The ``random`` projector stores only its seed and calls this at every step, so on a CUDA device
+    the Gaussian and the QR are made there, with a CUDA generator: no host work and no copy that
+    would make the step wait. The same seed therefore gives one basis on CPUs and another on CUDA
+    GPUs, as ``torch.randn`` does.
+    """
+    device = torch.device(device)
+    # meta too: shape-only runs (the memory planner's) then never touch the host
+    made_on = device if device.type in ("cuda", "meta") else torch.device("cpu")
+    generator = _generator(seed, device if device.type == "cuda" else "cpu")
+    gauss = torch.randn(dim, rank, generator=generator, device=made_on)
     Q, R = torch.linalg.qr(gauss)
-    Q = Q * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones(()))
+    diag = torch.diagonal(R)
+    Q = Q * torch.where(diag != 0, torch.sign(diag), 1.0)
     return Q.to(device)
 
 
@@ -195,9 +209,10 @@ class Projector:
                 state["proj_P"] = P
         state["proj_refresh"] = count
         state["proj_seed"] = self.seed
-        if self.kind == "randk":
-            # A random k-subset of m*n entries costs O(mn) to draw, too slow to redo every step;
-            # it is kept as int32 (counted as projector state). Row/column subsets are redrawn.
+        if self.kind in COORDINATE:
+            # Drawn once per refresh and kept as int32 (counted as projector state: 4 bytes per
+            # selected row, column or entry). Redrawing at every step would cost a CPU randperm
+            # (O(mn) for randk) and a host-to-device copy, which makes a CUDA step wait.
             index = coordinate_index(self.kind, self.shape, self.rank, self.side, seed=self.seed, refresh=count,
                                      device=G.device)
             state["proj_index"] = index.to(torch.int32)
@@ -244,8 +259,9 @@ class Projector:
         return state["proj_P"]
 
     def index(self, state: dict, device: torch.device) -> Tensor:
-        """The selected coordinates for coordinate kinds."""
-        if self.kind == "randk":
-            return state["proj_index"]
-        return coordinate_index(self.kind, self.shape, self.rank, self.side, seed=self.seed,
-                                refresh=state["proj_refresh"], device=device)
+        """The selected coordinates for coordinate kinds (int32, drawn at the last refresh)."""
+        if "proj_index" not in state:  # a state saved before rows/columns/randperm kept their index
+            index = coordinate_index(self.kind, self.shape, self.rank, self.side, seed=self.seed,
+                                     refresh=state["proj_refresh"], device=device)
+            state["proj_index"] = index.to(torch.int32)
+        return state["proj_index"]

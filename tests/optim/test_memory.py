@@ -23,9 +23,9 @@ ANALYTIC = {
     "gram": (M * R * F32, 2 * R * N * F32),
     "rsvd": (M * R * F32, 2 * R * N * F32),
     "random": (0, 2 * R * N * F32),  # only the seed is stored
-    "randperm": (0, 2 * R * N * F32),  # R random rows; indices regenerated from the seed
-    "rows": (0, 2 * R * N * F32),
-    "columns": (0, 2 * M * R * F32),
+    "randperm": (R * 4, 2 * R * N * F32),  # R random rows; their int32 indices kept until the next refresh
+    "rows": (R * 4, 2 * R * N * F32),
+    "columns": (R * 4, 2 * M * R * F32),
     "randk": (R * N * 4, 2 * R * N * F32),  # k = R * max(m, n) entries, int32 indices stored
 }
 

@@ -68,6 +68,16 @@ def test_random_basis_is_orthonormal_and_seeded():
     torch.testing.assert_close(a.t() @ a, torch.eye(5), atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
+def test_random_basis_is_made_on_the_gpu_orthonormal_and_seeded():
+    cuda = torch.device("cuda")
+    a = projection.random_basis(300, 17, seed=3, device=cuda)
+    b = projection.random_basis(300, 17, seed=3, device=cuda)
+    assert a.device.type == "cuda" and torch.equal(a, b)
+    torch.testing.assert_close(a.double().t() @ a.double(), torch.eye(17, dtype=torch.float64, device=cuda),
+                               atol=1e-5, rtol=0)
+
+
 def test_side_rule_matches_galore():
     # galore-torch: std projects on the right when m >= n, reverse_std the opposite.
     assert choose_side((10, 5), "std") == "right" and choose_side((5, 10), "std") == "left"
@@ -165,3 +175,15 @@ def test_projector_state_holds_only_tensors_and_numbers():
     proj.refresh(low_rank_matrix(8, 12, 3), state)
     assert set(state) == {"proj_P", "proj_refresh", "proj_seed"}
     assert isinstance(state["proj_P"], torch.Tensor) and isinstance(state["proj_refresh"], int)
+
+
+@pytest.mark.parametrize("kind", ["randperm", "rows", "columns"])
+def test_state_without_the_kept_index_redraws_the_same_one(kind):
+    # States saved before rows/columns/randperm kept their index hold only the seed and refresh count.
+    proj = Projector(kind, (6, 9), 4, "left", gap=5, seed=2)
+    state = {}
+    proj.refresh(torch.randn(6, 9), state)
+    proj.refresh(torch.randn(6, 9), state)
+    kept = state.pop("proj_index")
+    redrawn = proj.index(state, torch.device("cpu"))
+    assert kept.dtype == redrawn.dtype == torch.int32 and torch.equal(kept, redrawn)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scrimp.optim import FrugalAdamW, GaLoreAdamW, GaLoreAdamW8bit, SubspaceAdamW
 from scrimp.optim.projection import PROJECTORS
@@ -226,3 +227,52 @@ def test_fused_true_on_cpu_matches_the_torch_path():
         _train(m, o, 4)
     for a, b in zip(*[m.parameters() for m in models]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class HostToDeviceCopies(TorchDispatchMode):
+    """Records ops that take a CPU tensor (not a 0-d scalar) and return a meta one: a host-to-device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        from_host = any(torch.is_tensor(a) and a.device.type == "cpu" and a.dim() > 0 for a in args)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if from_host and any(torch.is_tensor(o) and o.device.type == "meta" for o in outs):
+            self.copies.append(str(func))
+        return out
+
+
+def move_to_meta(opt):
+    """Swap every parameter and state tensor of ``opt`` for a meta tensor of the same shape and dtype."""
+    swapped = {}
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            swapped[p] = group["params"][i] = torch.nn.Parameter(p.detach().to("meta"))
+    for p, q in swapped.items():
+        if p in opt.state:
+            opt.state[q] = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in opt.state.pop(p).items()}
+    return list(swapped.values())
+
+
+@pytest.mark.parametrize("projector", ["svd", "random", "randperm", "rows", "columns", "randk"])
+@pytest.mark.parametrize("residual", [None, "sign_sgd", "scaled"])
+def test_steps_between_refreshes_never_wait_on_the_host(projector, residual):
+    # A host read (.item(), float()) of a CUDA tensor, or a host-to-device copy from pageable
+    # memory, makes the step wait for the GPU. On the meta device the first raises and the second
+    # shows up as a CPU -> meta op, so one step there proves neither happens between refreshes.
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(12, 20)), torch.nn.Parameter(torch.randn(20, 12)),
+          torch.nn.Parameter(torch.randn(7))]
+    opt = SubspaceAdamW([{"params": ps[:2], "rank": 3}, {"params": ps[2:]}], lr=1e-2, projector=projector,
+                        update_proj_gap=100, residual=residual, weight_decay=0.1)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the refresh: an SVD may read back to the host here, once per gap
+    for p in move_to_meta(opt):
+        p.grad = torch.empty_like(p)
+    with HostToDeviceCopies() as seen:
+        opt.step()
+    assert seen.copies == []

@@ -13,7 +13,7 @@ import os
 import torch
 import triton
 
-from scrimp.optim.functional import bias_correction
+from scrimp.optim.functional import bias_correction, norm_ratio
 from scrimp.optim.kernels.back_projection import launch_back_project_update
 from scrimp.optim.kernels.projection import launch_project_adam
 
@@ -126,11 +126,7 @@ def projected_adam_step_triton(
         )
         residual_ratio = None
         if residual == "scaled":
-            # ||N|| / ||R|| over the whole low-rank matrices (0 when R = 0), as functional.residual_update;
-            # kept on the device so the step never waits on the host.
-            r_norm = torch.linalg.vector_norm(projected)
-            ratio = torch.linalg.vector_norm(normalized) / r_norm
-            residual_ratio = torch.where(r_norm > 0, ratio, torch.zeros_like(ratio)).reshape(1)
+            residual_ratio = norm_ratio(normalized, projected).reshape(1)  # as functional.residual_update
         launch_back_project_update(
             w, w_out, g, p, normalized, projected,
             lr=lr, weight_decay=weight_decay, scale=scale, residual=residual, residual_lr_scale=residual_lr_scale,
