@@ -15,6 +15,11 @@ import triton
 # spilling (kernel 1), or spilling at most ~100 bytes with a residual (kernel 2, which holds two
 # accumulators plus the W and G tiles). Larger tiles (128x128, 64x256) spilled 300-2000 bytes at any
 # warp count and were dropped. Speed among these is for the autotuner on the GPU to decide.
+# Added 2026-11-27 (same report and criterion): on a first H200 run kernel 2's autotuner mostly picked
+# the last, narrowest-M tile of its list (32x128, BLOCK_R 16), i.e. a winner at the list's edge, so
+# wider and thinner tiles were compiled: 32x256 BLOCK_R 16 (8 warps), 16x128 BLOCK_R 16 and 32,
+# 16x256 BLOCK_R 16 (4 and 8 warps) pass. Rejected: 32x256 with 4 warps (the GaLore variant already
+# spills 40-300 bytes), and 32x256 (8 warps), 16x256 and 32x128 at BLOCK_R 32 (160-184 bytes with a residual).
 
 # Kernel 1 (projection GEMM + Adam epilogue): output tile BLOCK_M x BLOCK_R of the low-rank R,
 # reduction over the long side in BLOCK_K chunks. Small BLOCK_M keeps enough programs in flight when
@@ -48,6 +53,12 @@ BACK_PROJECTION_CONFIGS = [
         (64, 64, 16, 4, 4),
         (64, 128, 16, 8, 4),
         (32, 128, 16, 4, 4),
+        # 2026-11-27: beyond the 32x128 edge (see above).
+        (32, 256, 16, 8, 4),
+        (16, 128, 16, 4, 4),
+        (16, 256, 16, 4, 4),
+        (16, 256, 16, 8, 4),
+        (16, 128, 32, 4, 3),
     ]
 ]
 
