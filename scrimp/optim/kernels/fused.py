@@ -8,10 +8,13 @@ decorates a kernel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
+import numpy as np
 import torch
 import triton
+import triton.language as tl
 
 from scrimp.optim.functional import bias_correction, norm_ratio
 from scrimp.optim.kernels.back_projection import launch_back_project_update
@@ -50,6 +53,32 @@ def check_triton_device(tensor: torch.Tensor) -> None:
             f"backend='triton' needs CUDA tensors, got {tensor.device}; use backend='torch' (or 'auto'), or set "
             "TRITON_INTERPRET=1 before scrimp.optim.kernels.fused is imported to run the kernels in Triton's interpreter"
         )
+
+
+@triton.jit
+def _runtime_bound_loop_probe(out_ptr, n):
+    for i in range(0, n):
+        tl.store(out_ptr + i, 1.0)
+
+
+@functools.cache
+def check_interpreter_runs_loops() -> None:
+    """Refuse, in one sentence, an interpreter that cannot run a loop with a runtime bound, as both kernels do.
+
+    Triton 3.6's interpreter turns a 1-element array into a Python int, which NumPy 2.4 and later
+    reject; Triton 3.9 works. A tiny probe kernel finds out once per process, before any real work.
+    """
+    out = torch.zeros(2)
+    try:
+        _runtime_bound_loop_probe[(1,)](out, 2)
+    except Exception as err:  # noqa: BLE001 - Triton wraps the NumPy TypeError in its InterpreterError
+        if "0-dimensional arrays can be converted" not in repr(err):
+            raise
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s interpreter cannot run the kernels' loops under NumPy {np.__version__} "
+            "(a Triton bug: it calls int() on a 1-element array); install Triton 3.9 or NumPy below 2.4 to use "
+            "TRITON_INTERPRET=1, or use backend='torch'"
+        ) from None
 
 
 def right_form_views(W, G, P, exp_avg, exp_avg_sq, side):
@@ -92,6 +121,8 @@ def projected_adam_step_triton(
     ``triton.Config``s; None means autotuned on CUDA, the fixed small one under the interpreter.
     """
     check_triton_device(W)
+    if INTERPRETED:
+        check_interpreter_runs_loops()
     if dot_precision is None:
         dot_precision = "ieee" if INTERPRETED else DEFAULT_GPU_DOT_PRECISION
     if dot_precision not in DOT_PRECISIONS:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -23,6 +25,9 @@ def test_benchmark_script_smoke_prints_its_table():
          "--residuals", "none,sign_sgd"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
+    broken = "interpreter cannot run the kernels' loops"  # scrimp's sentence for Triton 3.6's bug under NumPy >= 2.4
+    if done.returncode != 0 and broken in done.stdout + done.stderr:
+        pytest.skip(next(line for line in (done.stdout + done.stderr).splitlines() if broken in line)[-300:])
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| shape | r | W dtype | rule | fused ms")

@@ -88,3 +88,30 @@ def test_bad_arguments_raise_one_sentence_before_any_write(change, error, messag
         kernels.projected_adam_step(W, G, P, m, v, **args)
     for name, t in zip(("W", "G", "P", "exp_avg", "exp_avg_sq"), (W, G, P, m, v)):
         assert torch.equal(t, before[name])
+
+
+def test_an_interpreter_that_cannot_run_loops_is_refused_in_one_sentence(fused, monkeypatch):
+    """Triton 3.6's interpreter under NumPy >= 2.4 fails inside Triton; the step says so before any work."""
+    if not fused.INTERPRETED:
+        pytest.skip("the probe only runs under TRITON_INTERPRET=1")
+
+    class BrokenInterpreterKernel:  # what Triton 3.6 + NumPy 2.4 raise from any runtime-bound loop
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise RuntimeError("InterpreterError(\"TypeError('only 0-dimensional arrays can be converted "
+                                   "to Python scalars')\")")
+            return launch
+
+    fused.check_interpreter_runs_loops.cache_clear()
+    monkeypatch.setattr(fused, "_runtime_bound_loop_probe", BrokenInterpreterKernel())
+    prob = random_problem(30, 22, 4, "right", generator=torch.Generator().manual_seed(5))
+    before = clones(prob)
+    try:
+        with pytest.raises(RuntimeError, match=r"interpreter cannot run the kernels' loops under NumPy .*Triton 3\.9"):
+            kernels.projected_adam_step(prob.W, prob.G, prob.P, prob.exp_avg, prob.exp_avg_sq,
+                                        side="right", backend="triton", **HYPER)
+    finally:
+        monkeypatch.undo()
+        fused.check_interpreter_runs_loops.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(before, (prob.W, prob.G, prob.P, prob.exp_avg, prob.exp_avg_sq)))
+    fused.check_interpreter_runs_loops()  # the real probe passes with this machine's Triton and NumPy
