@@ -151,7 +151,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 old.update(new)
             opt.param_groups = held
         self._micro = state_dict["micro"]
-        self._accum = {self._params[i]: buf.clone() for i, buf in state_dict["accum"].items()}
+        # Each buffer goes to its parameter's device, as torch's load_state_dict does for the inner state:
+        # a checkpoint loaded to the CPU resumes on the GPU. (Lightning's own optimizer-to-device move
+        # sees only the merged view of ``state``, not this dict.)
+        self._accum = {self._params[i]: buf.to(self._params[i].device, copy=True)
+                       for i, buf in state_dict["accum"].items()}
 
     def remove_hooks(self) -> None:
         """Detach the backward hooks (the wrapper stops updating)."""

@@ -186,3 +186,22 @@ def test_layerwise_is_a_torch_optimizer_whose_groups_are_the_inner_ones():
     opt.step()
     scheduler.step()
     assert [g["lr"] for g in opt.optimizer.param_groups] == [5e-3, 5e-3]
+
+
+def test_loaded_low_rank_buffers_follow_their_parameters_device():
+    # A mid-window checkpoint loaded to the CPU must resume on the parameters' device; "meta"
+    # stands in for a GPU here (the inner optimizer's own state is moved by torch's load_state_dict).
+    model, groups = model_and_groups(rank=3)
+    factory = lambda gs: GaLoreAdamW(gs, update_proj_gap=100, stagger=False)  # noqa: E731
+    opt = layerwise(model, factory, accumulate=2, groups=groups)
+    batches = micro_batches(3)
+    train_layerwise(model, opt, batches, 2)  # stops inside the second window: low-rank buffers held
+    saved = opt.state_dict()
+    assert saved["accum"] and all(buf.device.type == "cpu" for buf in saved["accum"].values())
+    meta_model = model_and_groups(rank=3)[0].to("meta")
+    projected = [meta_model[0].weight, meta_model[2].weight]
+    rest = [p for p in meta_model.parameters() if all(p is not q for q in projected)]
+    meta_groups = [{"params": projected, "rank": 3}, {"params": rest}]
+    resumed = layerwise(meta_model, factory, accumulate=2, groups=meta_groups)
+    resumed.load_state_dict(saved)
+    assert resumed._accum and all(buf.device.type == "meta" for buf in resumed._accum.values())
