@@ -257,7 +257,7 @@ def coordinate_adam_step_torch(
         apply_update_(W_v, update, -lr * residual_lr_scale)
     if W.dtype == N.dtype:
         W_v.index_add_(d, index, N, alpha=-lr * scale)
-    else:  # index_copy_ needs int64 indices; randk stores int32
+    else:  # index_copy_ needs int64 indices; the projectors keep int32
         rows = W_v.index_select(d, index).float().add_(N, alpha=-lr * scale)
         W_v.index_copy_(d, index.long(), rows.to(W.dtype))
 

@@ -18,7 +18,7 @@ Kinds (``PROJECTORS``):
   parameter's device.
 - ``randperm``: a seeded random subset of r rows (left side) or columns (right side).
   Coordinate kinds (this one, ``rows``/``columns`` and ``randk``) keep their int32 indices from
-  one refresh to the next.
+  one refresh to the next (int64 for a matrix of 2^31 entries or more).
 - ``rows`` / ``columns``: a contiguous window of r rows / columns that moves cyclically at each
   refresh (deterministic coordinate rotation).
 - ``randk``: a seeded random subset of k entries of the matrix (FRUGAL's RandK); drawing them
@@ -75,10 +75,50 @@ def mix_seed(*parts: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    gen = torch.Generator(device=device)
+def _generator(seed: int) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     return gen
+
+
+_U64 = (1 << 64) - 1
+
+
+def _as_int64(constant: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    constant &= _U64
+    return constant - (1 << 64) if constant >= (1 << 63) else constant
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic on signed integers)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def seeded_gaussian(shape: tuple[int, int], seed: int, device: torch.device | str) -> Tensor:
+    """Standard normal fp32 samples that depend on ``seed`` and ``shape`` only, not on the device.
+
+    torch's generators give different numbers on CPUs and CUDA, and on CUDA even across GPU
+    models (the kernel's grid follows the SM count). This is a counter-based draw made with
+    torch ops on ``device``: splitmix64 (Steele, Lea & Flood, 2014) of the pair index gives two
+    32-bit uniforms, and Box-Muller turns them into two normals. Integer steps are exact on every
+    device; products wrap modulo 2^64, which is what the splitmix constants assume. Only the
+    float64 log/cos/sin may differ in the last bit between devices.
+    """
+    count = shape[0] * shape[1]
+    pairs = (count + 1) // 2
+    index = torch.arange(1, pairs + 1, dtype=torch.int64, device=device)
+    z = index * _as_int64(0x9E3779B97F4A7C15) + _as_int64(seed)
+    z = (z ^ _shift_right(z, 30)) * _as_int64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * _as_int64(0x94D049BB133111EB)
+    z = z ^ _shift_right(z, 31)
+    scale = 2.0**-32
+    u1 = (_shift_right(z, 32).to(torch.float64) + 0.5) * scale  # in (0, 1): the log is finite
+    u2 = ((z & 0xFFFFFFFF).to(torch.float64) + 0.5) * scale
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = (2.0 * torch.pi) * u2
+    normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+    return normals.to(torch.float32).reshape(shape)
 
 
 def svd_basis(G: Tensor, rank: int, side: str) -> Tensor:
@@ -106,7 +146,7 @@ def rsvd_basis(G: Tensor, rank: int, side: str, *, seed: int, power_iters: int =
     """Randomized range finder with power iterations (Halko et al., 2011, Alg. 4.4), fp32, seeded."""
     A = G.float() if side == "left" else G.float().t()  # find the column space of A
     k = min(rank + oversample, min(A.shape))
-    omega = torch.randn(A.shape[1], k, generator=_generator(seed)).to(A.device)
+    omega = seeded_gaussian((A.shape[1], k), seed, A.device).to(A.dtype)
     Q = torch.linalg.qr(A @ omega).Q
     for _ in range(power_iters):
         Q = torch.linalg.qr(A.t() @ Q).Q
@@ -118,20 +158,14 @@ def rsvd_basis(G: Tensor, rank: int, side: str, *, seed: int, power_iters: int =
 def random_basis(dim: int, rank: int, *, seed: int, device: torch.device) -> Tensor:
     """A seeded (dim, rank) matrix with orthonormal columns: QR of a Gaussian (sign-fixed, so unique).
 
-    The ``random`` projector stores only its seed and calls this at every step, so on a CUDA device
-    the Gaussian and the QR are made there, with a CUDA generator: no host work and no copy that
-    would make the step wait. The same seed therefore gives one basis on CPUs and another on CUDA
-    GPUs, as ``torch.randn`` does.
+    The ``random`` projector stores only its seed and calls this at every step, so the Gaussian and
+    the QR are made on ``device``: on a GPU no host work and no copy make the step wait. The
+    Gaussian is the same on every device (``seeded_gaussian``), so a checkpoint or a DDP run moves
+    between CPUs and GPU models with the same subspace, up to the QR's rounding.
     """
-    device = torch.device(device)
-    # meta too: shape-only runs (the memory planner's) then never touch the host
-    made_on = device if device.type in ("cuda", "meta") else torch.device("cpu")
-    generator = _generator(seed, device if device.type == "cuda" else "cpu")
-    gauss = torch.randn(dim, rank, generator=generator, device=made_on)
-    Q, R = torch.linalg.qr(gauss)
+    Q, R = torch.linalg.qr(seeded_gaussian((dim, rank), seed, device))
     diag = torch.diagonal(R)
-    Q = Q * torch.where(diag != 0, torch.sign(diag), 1.0)
-    return Q.to(device)
+    return Q * torch.where(diag != 0, torch.sign(diag), 1.0)
 
 
 def coordinate_index(kind: str, shape: tuple[int, int], rank: int, side: str, *, seed: int, refresh: int,
@@ -210,12 +244,10 @@ class Projector:
         state["proj_refresh"] = count
         state["proj_seed"] = self.seed
         if self.kind in COORDINATE:
-            # Drawn once per refresh and kept as int32 (counted as projector state: 4 bytes per
-            # selected row, column or entry). Redrawing at every step would cost a CPU randperm
-            # (O(mn) for randk) and a host-to-device copy, which makes a CUDA step wait.
-            index = coordinate_index(self.kind, self.shape, self.rank, self.side, seed=self.seed, refresh=count,
-                                     device=G.device)
-            state["proj_index"] = index.to(torch.int32)
+            # Drawn once per refresh and kept (counted as projector state). Redrawing at every step
+            # would cost a CPU randperm (O(mn) for randk) and a host-to-device copy, which makes a
+            # CUDA step wait.
+            state["proj_index"] = self._draw_index(count, G.device)
 
     def _spectral_basis(self, G: Tensor, state: dict, count: int) -> Tensor | None:
         """SVD/rSVD with fallbacks: eigh of the Gram matrix, then the previous projector, then random."""
@@ -259,9 +291,18 @@ class Projector:
         return state["proj_P"]
 
     def index(self, state: dict, device: torch.device) -> Tensor:
-        """The selected coordinates for coordinate kinds (int32, drawn at the last refresh)."""
-        if "proj_index" not in state:  # a state saved before rows/columns/randperm kept their index
-            index = coordinate_index(self.kind, self.shape, self.rank, self.side, seed=self.seed,
-                                     refresh=state["proj_refresh"], device=device)
-            state["proj_index"] = index.to(torch.int32)
-        return state["proj_index"]
+        """The selected coordinates for coordinate kinds, drawn at the last refresh."""
+        index = state.get("proj_index")
+        # Redrawn (the same one: seed and refresh count fix it) from a state saved before
+        # rows/columns/randperm kept their index, or after torch.optim.Optimizer.load_state_dict
+        # cast it to the parameter's float dtype (its rule for every non-"step" tensor).
+        if index is None or index.is_floating_point():
+            index = state["proj_index"] = self._draw_index(state["proj_refresh"], device)
+        return index
+
+    def _draw_index(self, refresh: int, device: torch.device) -> Tensor:
+        """int32 indices (4 bytes per selected row, column or entry); int64 where a flat randk index needs it."""
+        index = coordinate_index(self.kind, self.shape, self.rank, self.side, seed=self.seed, refresh=refresh,
+                                 device=device)
+        m, n = self.shape
+        return index.to(torch.int32 if m * n < 2**31 else torch.int64)

@@ -13,8 +13,8 @@ AdamW. Group keys of projected groups (defaults in ``PROJECTION_DEFAULTS``):
 ``residual_lr_scale``, ``reset_statistics``, ``stagger``, ``seed``, ``power_iters``.
 
 State per parameter (only tensors, ints, floats, strings): ``step``, ``moment_step``, ``exp_avg``,
-``exp_avg_sq`` (or ``exp_avg_q``/``exp_avg_absmax``/... for 8-bit moments), ``proj_P``,
-``proj_refresh``, ``proj_seed``, ``proj_offset``.
+``exp_avg_sq`` (or ``exp_avg_q``/``exp_avg_absmax``/... for 8-bit moments), ``proj_P``
+(spectral kinds), ``proj_index`` (coordinate kinds), ``proj_refresh``, ``proj_seed``, ``proj_offset``.
 """
 
 from __future__ import annotations

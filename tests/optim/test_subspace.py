@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from scrimp.optim import FrugalAdamW, GaLoreAdamW, GaLoreAdamW8bit, SubspaceAdamW
 from scrimp.optim.projection import PROJECTORS
@@ -237,10 +238,11 @@ class HostToDeviceCopies(TorchDispatchMode):
         self.copies = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        from_host = any(torch.is_tensor(a) and a.device.type == "cpu" and a.dim() > 0 for a in args)
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        if from_host and any(torch.is_tensor(o) and o.device.type == "meta" for o in outs):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = tree_leaves((args, kwargs))  # foreach and fused ops take lists of tensors
+        from_host = any(torch.is_tensor(a) and a.device.type == "cpu" and a.dim() > 0 for a in inputs)
+        if from_host and any(torch.is_tensor(o) and o.device.type == "meta" for o in tree_leaves(out)):
             self.copies.append(str(func))
         return out
 

@@ -19,7 +19,8 @@ import triton
 # the last, narrowest-M tile of its list (32x128, BLOCK_R 16), i.e. a winner at the list's edge, so
 # wider and thinner tiles were compiled: 32x256 BLOCK_R 16 (8 warps), 16x128 BLOCK_R 16 and 32,
 # 16x256 BLOCK_R 16 (4 and 8 warps) pass. Rejected: 32x256 with 4 warps (the GaLore variant already
-# spills 40-300 bytes), and 32x256 (8 warps), 16x256 and 32x128 at BLOCK_R 32 (160-184 bytes with a residual).
+# spills 40-48 bytes at BLOCK_R 16, 304 at BLOCK_R 32), and 32x256 (8 warps), 16x256 and 32x128 at
+# BLOCK_R 32 (160-184 bytes with a residual).
 
 # Kernel 1 (projection GEMM + Adam epilogue): output tile BLOCK_M x BLOCK_R of the low-rank R,
 # reduction over the long side in BLOCK_K chunks. Small BLOCK_M keeps enough programs in flight when

@@ -68,7 +68,7 @@ def check_interpreter_runs_loops() -> None:
     Triton 3.6's interpreter turns a 1-element array into a Python int, which NumPy 2.4 and later
     reject; Triton 3.9 works. A tiny probe kernel finds out once per process, before any real work.
     """
-    out = torch.zeros(2)
+    out = torch.zeros(2, device="cpu")
     try:
         _runtime_bound_loop_probe[(1,)](out, 2)
     except Exception as err:  # noqa: BLE001 - Triton wraps the NumPy TypeError in its InterpreterError
