@@ -118,6 +118,34 @@ def stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:
     return out
 
 
+class ValShardLoader:
+    """One DDP rank's share of the validation blocks, each block counted exactly once over all ranks.
+
+    Rank ``r`` of ``W`` gets blocks r, r + W, r + 2W, ... Every rank must run the same number of
+    batches (the forward passes are collective under DDP), so a short share is padded with copies of
+    a block that carry ``weight`` 0; the module sums per-row losses times ``weight``. Lightning's
+    DistributedSampler pads by repeating real blocks with full weight instead, which biases the
+    mean when the count does not divide by ``W``. Not a DataLoader, so Lightning injects no sampler.
+    """
+
+    def __init__(self, blocks: np.ndarray, batch_size: int, *, rank: int, world_size: int):
+        per_rank = -(-len(blocks) // world_size)
+        own = np.arange(rank, len(blocks), world_size)
+        pad = per_rank - len(own)
+        self.blocks, self.batch_size = blocks, batch_size
+        self.index = np.concatenate([own, np.zeros(pad, dtype=own.dtype)])
+        self.weight = np.concatenate([np.ones(len(own)), np.zeros(pad)]).astype(np.float32)
+
+    def __len__(self) -> int:
+        return -(-len(self.index) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(self.index), self.batch_size):
+            rows = self.index[start:start + self.batch_size]
+            yield {"input_ids": torch.from_numpy(self.blocks[rows].astype(np.int64)),
+                   "weight": torch.from_numpy(self.weight[start:start + self.batch_size])}
+
+
 class BlockStreamLoader:
     """Training batches from a deterministic, resumable stream of shuffled blocks.
 
@@ -478,8 +506,11 @@ class TextDataModule(L.LightningDataModule):
         return BlockStreamLoader(self.train_blocks, self.batch_size, total, seed=self.seed, start_batch=start,
                                  rank=rank, world_size=world, epoch_batches=per_epoch, position=position)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | ValShardLoader:
         self.prepare()
+        _, _, _, rank, world = self._run_shape()
+        if world > 1:
+            return ValShardLoader(self.val_blocks_array, self.batch_size, rank=rank, world_size=world)
         tensor = torch.from_numpy(self.val_blocks_array.astype(np.int64))
         dataset = [{"input_ids": row} for row in tensor]
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

@@ -228,11 +228,20 @@ class CausalLMModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         input_ids = batch["input_ids"]
-        loss = self(input_ids)
-        n = input_ids[:, 1:].numel()  # predicted tokens per batch (the first of each row has no label)
-        self._val_sum += float(loss.detach().float()) * n
-        self._val_tokens += n
-        return loss
+        weight = batch.get("weight")  # under DDP: 0 on the rows that only pad a rank's share
+        if weight is None:
+            loss = self(input_ids)
+            n = input_ids[:, 1:].numel()  # predicted tokens per batch (the first of each row has no label)
+            self._val_sum += float(loss.detach().float()) * n
+            self._val_tokens += n
+            return loss
+        logits = self.model(input_ids=input_ids).logits[:, :-1].float()
+        per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten(),
+                                                      reduction="none").view(input_ids.shape[0], -1)
+        row_weight = weight.to(per_token.dtype)
+        self._val_sum += float((per_token.sum(1) * row_weight).sum())
+        self._val_tokens += round(float(row_weight.sum())) * per_token.shape[1]
+        return per_token.mean()
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_tokens = 0.0, 0

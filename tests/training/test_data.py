@@ -12,6 +12,7 @@ import pytest
 from scrimp.training.data import (
     BlockStreamLoader,
     TextDataModule,
+    ValShardLoader,
     pack_blocks,
     split_by_key,
     stdlib_corpus_files,
@@ -77,6 +78,21 @@ def test_loader_shards_give_the_single_process_global_batches():
     resumed = list(BlockStreamLoader(blocks, batch_size=6, num_batches=10, seed=1, start_batch=4))
     assert len(resumed) == 6
     assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(resumed, single[4:]))
+
+
+@pytest.mark.parametrize("count,world,batch", [(7, 2, 2), (8, 2, 3), (5, 4, 1), (2, 3, 2), (9, 3, 4)])
+def test_val_shards_count_every_block_once_and_run_equal_batches(count, world, batch):
+    blocks = np.arange(count * 3).reshape(count, 3)
+    shards = [list(ValShardLoader(blocks, batch, rank=r, world_size=world)) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # the same number of (collective) forward passes per rank
+    assert all(len(ValShardLoader(blocks, batch, rank=r, world_size=world)) == len(shards[r]) for r in range(world))
+    counted = {}
+    for shard in shards:
+        for b in shard:
+            for row, w in zip(b["input_ids"].numpy(), b["weight"].numpy()):
+                assert w in (0.0, 1.0)
+                counted[int(row[0]) // 3] = counted.get(int(row[0]) // 3, 0) + w
+    assert {k: v for k, v in counted.items() if v} == {i: 1.0 for i in range(count)}
 
 
 def _write_corpus(folder: Path, kind: str) -> Path:
