@@ -324,14 +324,21 @@ class ParameterStreamer:
         self._apply_pending(self._non_block_params())
         handles = self._install_block_hooks()
         try:
-            with sliced_perturbation(self.leaves, self.index_of, slices):
-                ids = input_ids.to(self.device).repeat(copies, 1)
-                mask = None if attention_mask is None else attention_mask.to(self.device).repeat(copies, 1)
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-        finally:
-            for handle in handles:
-                handle.remove()
-            self._finish_transfers()
+            try:
+                with sliced_perturbation(self.leaves, self.index_of, slices):
+                    ids = input_ids.to(self.device).repeat(copies, 1)
+                    mask = None if attention_mask is None else attention_mask.to(self.device).repeat(copies, 1)
+                    logits = self.model(input_ids=ids, attention_mask=mask).logits
+            finally:
+                for handle in handles:
+                    handle.remove()
+                self._finish_transfers()
+        except BaseException:
+            # The blocks that ran took the previous update and the others did not: finish it, so
+            # that the model is exactly at the previous step and this one can be retried.
+            self._check_all_updated()
+            self.pending = None
+            raise
         self._check_all_updated()
         self.pending = None
         losses = [self.loss_fn(chunk, labels) for chunk in logits.chunk(copies, dim=0)]

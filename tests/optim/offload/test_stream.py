@@ -122,3 +122,27 @@ def test_a_second_disk_streamer_on_the_same_directory_keeps_the_weights(tiny, tm
     ParameterStreamer(model, ZOSGD(model.parameters(), lr=1e-4, eps=1e-3), storage="disk", device="cpu",
                       directory=tmp_path)
     assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expect))
+
+
+def test_a_step_that_raises_mid_forward_leaves_the_model_at_the_previous_step(tiny):
+    # E.g. an out-of-memory error in block 1: the blocks before it took the previous update on their
+    # way through. The streamer must finish that update everywhere, so a retry equals a clean run.
+    clean, failing = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    clean_streamer = ParameterStreamer(clean, ZOSGD(clean.parameters(), lr=1e-3, eps=1e-3, seed=3), device="cpu")
+    streamer = ParameterStreamer(failing, ZOSGD(failing.parameters(), lr=1e-3, eps=1e-3, seed=3), device="cpu")
+    for x in (_batch(0), _batch(1)):
+        clean_streamer.step(x)
+    streamer.step(_batch(0))
+
+    def out_of_memory(module, args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    handle = streamer.blocks[1].register_forward_pre_hook(out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        streamer.step(_batch(1))
+    handle.remove()
+    assert streamer.pending is None
+    streamer.step(_batch(1))  # the retry draws the same seeds: nothing was booked for the failed attempt
+    clean_streamer.flush()
+    streamer.flush()
+    assert all(torch.equal(a, b) for a, b in zip(clean.parameters(), failing.parameters()))
