@@ -125,12 +125,20 @@ def residual_update(
     raise ValueError(f"residual rule must be one of {RESIDUAL_RULES}, got {rule!r}")
 
 
+def update_dtype(W: Tensor) -> torch.dtype:
+    """The precision of the arithmetic on W: fp32 for bf16/fp16 weights, and never below W's own
+    (an fp64 weight rounded through fp32 at every step would lose its extra precision)."""
+    return torch.promote_types(W.dtype, torch.float32)
+
+
 def apply_update_(W: Tensor, update: Tensor, alpha: float) -> None:
-    """``W += alpha * update`` with the arithmetic in the update's (fp32) precision, W kept in its dtype."""
+    """``W += alpha * update`` with the arithmetic in ``update_dtype(W)``, W kept in its dtype."""
     if W.dtype == update.dtype:
         W.add_(update, alpha=alpha)
+    elif update_dtype(W) == W.dtype:
+        W.add_(update.to(W.dtype), alpha=alpha)
     else:
-        W.copy_(W.float().add_(update.float(), alpha=alpha))
+        W.copy_(W.to(update_dtype(W)).add_(update, alpha=alpha))
 
 
 def decay_(W: Tensor, *, lr: float, weight_decay: float) -> None:
@@ -258,7 +266,7 @@ def coordinate_adam_step_torch(
     if W.dtype == N.dtype:
         W_v.index_add_(d, index, N, alpha=-lr * scale)
     else:  # index_copy_ needs int64 indices; the projectors keep int32
-        rows = W_v.index_select(d, index).float().add_(N, alpha=-lr * scale)
+        rows = W_v.index_select(d, index).to(update_dtype(W)).add_(N, alpha=-lr * scale)
         W_v.index_copy_(d, index.long(), rows.to(W.dtype))
 
 

@@ -221,15 +221,20 @@ def _close_moments(state: dict, m: Tensor, v: Tensor) -> None:
 def _kernels_available(p: Tensor) -> bool:
     """Whether ``fused=None`` (the default) turns the kernels on for this parameter.
 
-    Needs CUDA, Triton, and compute capability 8.0 or newer: the kernels' default fp32 dot is
-    ``tf32x3``, and TF32 tensor cores start with Ampere. Older GPUs keep the torch path unless
-    ``fused=True`` asks for the kernels.
+    Needs CUDA, Triton, a weight dtype the kernels take (fp32, bf16, fp16: an fp64 weight keeps the
+    torch path), and compute capability 8.0 or newer: the kernels' default fp32 dot is ``tf32x3``,
+    and TF32 tensor cores start with Ampere. Older GPUs keep the torch path unless ``fused=True``
+    asks for the kernels.
     """
     if not p.is_cuda:
         return False
     try:
         import triton  # noqa: F401
     except ImportError:
+        return False
+    from scrimp.optim.kernels.checks import WEIGHT_DTYPES
+
+    if p.dtype not in WEIGHT_DTYPES:
         return False
     return torch.cuda.get_device_capability(p.device) >= (8, 0)
 

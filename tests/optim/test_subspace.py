@@ -278,3 +278,56 @@ def test_steps_between_refreshes_never_wait_on_the_host(projector, residual):
     with HostToDeviceCopies() as seen:
         opt.step()
     assert seen.copies == []
+
+
+def relative_update_error(W, start, expect):
+    return ((W.detach() - start) - (expect - start)).norm().item() / (expect - start).norm().item()
+
+
+def test_fp64_weights_are_not_rounded_through_fp32():
+    # Moments and projector stay fp32, so each update is fp32-accurate; W itself must stay fp64. With
+    # lr 1e-6 the update per step (~2.5e-7) is a few fp32 ulps of |W| ~ 1, so rounding W through fp32
+    # at each step would be a ~10% error on the update.
+    torch.manual_seed(0)
+    U, V = torch.linalg.qr(torch.randn(10, 10)).Q, torch.linalg.qr(torch.randn(16, 16)).Q
+    grads = [U[:, :6] @ torch.diag(torch.tensor([8.0, 6, 4, 1, 0.5, 0.2])) @ V[:, :6].t() + 0.01 * torch.randn(10, 16)
+             for _ in range(6)]
+    W = torch.nn.Parameter(torch.randn(10, 16, dtype=torch.float64))
+    start = W.detach().clone()
+    expect = galore_float64_reference(start, grads, rank=3, gap=100, lr=1e-6, scale=0.25)
+    opt = SubspaceAdamW([{"params": [W], "rank": 3}], lr=1e-6, update_proj_gap=100, scale=0.25, stagger=False,
+                        projector="svd")
+    for G in grads:
+        W.grad = G.double()
+        opt.step()
+    assert W.dtype == torch.float64 and relative_update_error(W, start, expect) < 1e-3
+
+
+@pytest.mark.parametrize("projector", ["rows", "randk", None])
+def test_fp64_weights_follow_torch_adamw_in_fp64(projector):
+    # Coordinate projectors update their selected rows/entries with Adam and leave the rest (no
+    # residual, no decay); a plain group is Adam everywhere. torch's AdamW in fp64 is the reference.
+    torch.manual_seed(1)
+    W = torch.nn.Parameter(torch.randn(10, 16, dtype=torch.float64))
+    start = W.detach().clone()
+    group = {"params": [W]} if projector is None else {"params": [W], "rank": 3, "projector": projector}
+    # eps 1e-12: galore-torch's eps placement (which we follow) and torch's agree when eps is negligible
+    opt = SubspaceAdamW([group], lr=1e-6, scale=1.0, update_proj_gap=100, eps=1e-12)
+    grads = [torch.randn(10, 16, dtype=torch.float64) for _ in range(6)]
+    W.grad = grads[0]
+    opt.step()
+    index = opt.state[W]["proj_index"].long() if projector else torch.arange(10)
+    view = (lambda t: t.reshape(-1)) if projector == "randk" else (lambda t: t)
+    ref = torch.nn.Parameter(view(start)[index].clone())
+    ref_opt = torch.optim.AdamW([ref], lr=1e-6, weight_decay=0.0, eps=1e-12)
+    ref.grad = view(grads[0])[index].clone()
+    ref_opt.step()
+    for G in grads[1:]:
+        W.grad, ref.grad = G, view(G)[index].clone()
+        opt.step()
+        ref_opt.step()
+    moved = view(W.detach())[index]
+    assert relative_update_error(moved, view(start)[index], ref.detach()) < 1e-3
+    untouched = torch.ones(view(start).shape[0], dtype=torch.bool)
+    untouched[index] = False
+    assert torch.equal(view(W.detach())[untouched], view(start)[untouched])
