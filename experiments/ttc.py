@@ -14,6 +14,7 @@ the objective for Optuna sweeps.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from scrimp.ttc.allocate import POLICIES
-from scrimp.ttc.crossfit import crossfit_curve, replay_run, split_folds, uniform_exact
+from scrimp.ttc.crossfit import crossfit_curve, replay_run, split_folds, uniform_exact, uniform_spend
 from scrimp.ttc.evaluate import bootstrap_ci, plot_curves, savings_at_equal_accuracy, write_curves_csv
 from scrimp.ttc.replay import convert_esc, load_replay, replay_stats, shared_data_dir
 
@@ -51,10 +52,23 @@ def _validate(cfg: DictConfig) -> None:
         raise ValueError(f"baseline_budget must be an integer (uniform maj@k), got {cfg.baseline_budget}")
 
 
+def _strict_json(obj):
+    """``obj`` with NaN and infinities as null: strict JSON readers reject the bare NaN Python writes."""
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict_json(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer | np.bool_):
+        return obj.item()
+    return obj
+
+
 def _atomic_json(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
+        json.dump(_strict_json(obj), f, indent=2, default=float, allow_nan=False)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
 
@@ -91,9 +105,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                      "low": lo, "high": hi})
     for k in sorted({int(b) for b in budgets if b == int(b)} | {int(cfg.baseline_budget)}):
         est, lo, hi = bootstrap_ci(uniform_exact(prompts, k), n_boot=cfg.n_boot, seed=cfg.seed)
-        rows.append({"policy": "uniform (exact maj@k)", "budget": k, "spend": k, "accuracy": est, "low": lo, "high": hi})
+        rows.append({"policy": "uniform (exact maj@k)", "budget": k, "spend": uniform_spend(prompts, k).mean(),
+                     "accuracy": est, "low": lo, "high": hi})
     base = uniform_exact(prompts, int(cfg.baseline_budget))
-    savings = savings_at_equal_accuracy(base, float(cfg.baseline_budget), curve.spent, curve.correct,
+    # What uniform@k really spends: prompts with fewer than k recorded samples vote over all of them.
+    base_spend = uniform_spend(prompts, int(cfg.baseline_budget))
+    savings = savings_at_equal_accuracy(base, base_spend, curve.spent, curve.correct,
                                         n_boot=cfg.n_boot, seed=cfg.seed)
     write_curves_csv(rows, out_dir / "curve.csv")
     plot_curves(rows, out_dir / "curve.png", title=f"{cfg.data.name}: {name} vs uniform (cross-fitted)",
@@ -102,7 +119,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     summary = {
         "data": cfg.data.name, "policy": name, "budget": float(cfg.budget), "stats": replay_stats(prompts),
         "accuracy": head["accuracy"], "accuracy_ci": [head["low"], head["high"]], "spend": head["spend"],
-        "savings_vs_uniform": {"baseline_budget": float(cfg.baseline_budget), **savings._asdict()},
+        "savings_vs_uniform": {"baseline_budget": float(cfg.baseline_budget), "baseline_spend": base_spend.mean(),
+                               **savings._asdict()},
         "curve": rows, "chosen": curve.chosen, "config": OmegaConf.to_container(cfg, resolve=True),
     }
     _atomic_json(summary, out_dir / "summary.json")

@@ -467,7 +467,9 @@ def allocate_counts(utility, params, budget, k_min: int = 1, k_max: int | None =
     for name, val in (("k_min", k_min), ("budget", budget)):
         if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < 0:
             raise ValueError(f"{name} must be a non-negative integer; got {val!r}")
-    probe = np.asarray(utility(np.array([[max(k_min, 1)]]), params))
+    # Probe at k = 1 where allowed (a utility may be undefined at 0), but never beyond k_max.
+    probe_k = max(k_min, 1) if k_max is None or k_max >= 1 else k_min
+    probe = np.asarray(utility(np.array([[probe_k]]), params))
     if probe.ndim != 2 or probe.shape[1] != 1:
         raise ValueError(
             f"utility(k, params) must return shape (n_items, K) for k of shape (1, K); got {probe.shape} for "

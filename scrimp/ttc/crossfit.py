@@ -56,6 +56,11 @@ def uniform_exact(prompts: Sequence[ReplayPrompt], k: int) -> np.ndarray:
                      for p in prompts])
 
 
+def uniform_spend(prompts: Sequence[ReplayPrompt], k: int) -> np.ndarray:
+    """Per-prompt samples that ``uniform_exact`` spends: k, or all recorded samples when fewer."""
+    return np.array([min(k, len(p.samples)) for p in prompts], dtype=float)
+
+
 def replay_run(prompts: Sequence[ReplayPrompt], policy: str, budget: float, params: dict, *,
                repeats: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean per-prompt correctness and spend of ``policy`` over ``repeats`` seeded replay orders."""

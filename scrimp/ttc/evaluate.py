@@ -147,6 +147,8 @@ class Savings(NamedTuple):
     high_is_upper_bound: bool
 
     def __str__(self) -> str:
+        if math.isnan(self.ratio):
+            return "n/a (the baseline is never right, so there is no accuracy to match)"
         point = f"{self.ratio:.2f}x" if self.reached else f"<{self.ratio:.2f}x (not reached)"
         low = f"<={self.low:.2f}" if self.low_is_upper_bound else f"{self.low:.2f}"
         high = f"<={self.high:.2f}" if self.high_is_upper_bound else f"{self.high:.2f}"
@@ -155,7 +157,7 @@ class Savings(NamedTuple):
 
 def savings_at_equal_accuracy(
     baseline_correct: np.ndarray,
-    baseline_budget: float,
+    baseline_budget: float | np.ndarray,
     policy_spend: np.ndarray,
     policy_correct: np.ndarray,
     *,
@@ -168,6 +170,9 @@ def savings_at_equal_accuracy(
     ``baseline_budget`` (the "savings at equal accuracy" of Snell et al., 2024, and ESC).
 
     ``baseline_correct``: (prompts,) per-prompt expected correctness of the baseline at its budget.
+    ``baseline_budget``: its mean spend, or (prompts,) per-prompt spends (uniform@k spends fewer than k
+    on a prompt with fewer recorded samples); each resample then uses its own prompts' mean.
+    A baseline that is never right has no accuracy to match: every ratio is then NaN.
     ``policy_spend``/``policy_correct``: (prompts, points) per-prompt samples spent / correctness at
     each point of the policy's curve. The interval is a paired percentile bootstrap over prompts: each
     resample recomputes the baseline's target AND the policy's curve on the same resampled prompts.
@@ -181,17 +186,21 @@ def savings_at_equal_accuracy(
     spend, corr = np.asarray(policy_spend, float), np.asarray(policy_correct, float)
     if spend.shape != corr.shape or spend.ndim != 2 or spend.shape[0] != base.shape[0]:
         raise ValueError("policy_spend and policy_correct must both be (prompts, points) with the baseline's prompts")
-    if not baseline_budget > 0:
+    base_spend = np.broadcast_to(np.asarray(baseline_budget, float), base.shape)
+    if not (np.all(base_spend >= 0) and base_spend.mean() > 0):
         raise ValueError(f"baseline_budget must be a positive number of samples, got {baseline_budget!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
 
     def ratio(idx: np.ndarray) -> tuple[float, bool]:
+        target, budget = base[idx].mean(), base_spend[idx].mean()
+        if target <= 0:
+            return math.nan, True
         mean_spend = spend[idx].mean(0)
-        need = budget_to_reach(mean_spend, corr[idx].mean(0), base[idx].mean())
+        need = budget_to_reach(mean_spend, corr[idx].mean(0), target)
         if math.isinf(need):
-            return baseline_budget / float(mean_spend.max()), False
-        return (baseline_budget / need if need > 0 else math.inf), True
+            return budget / float(mean_spend.max()), False
+        return (budget / need if need > 0 else math.inf), True
 
     rng = np.random.default_rng(seed)
     n = base.shape[0]

@@ -6,6 +6,10 @@ Canonical format, one prompt per line::
      "samples": [{"text": str, "answer": str | null, "correct": bool | null,
                   "score": float | null, "tokens": int | null}, ...]}
 
+A sample without an ``answer`` key gets one extracted from its text; without a ``correct`` key it is
+judged by exact match with the reference. A reference that is a whole solution (GSM8K's "#### 72",
+MATH's ``\\boxed{}``) is reduced to its final answer (``verify.reference_answer``).
+
 ``convert_esc`` reads the format of the ESC repository (Li et al., ICLR 2024, "Escape Sky-high Cost:
 Early-stopping Self-Consistency for Multi-step Reasoning", github.com/Yiwei98/ESC): ``question``,
 ``answer`` (reference) and ``generated_answer`` (free-text samples). Answers are extracted from the
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scrimp.ttc.generate import ReplayPrompt, Sample
-from scrimp.ttc.verify import exact_match, extract_answer, normalize_answer
+from scrimp.ttc.verify import exact_match, extract_answer, normalize_answer, reference_answer
 
 SAMPLE_KEYS = ("text", "answer", "correct", "score", "tokens")
 
@@ -36,10 +40,16 @@ def shared_data_dir() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-def _sample_from_json(obj, where: str) -> Sample:
+def _sample_from_json(obj, where: str, reference: str | None) -> Sample:
+    """One sample; a missing ``answer`` key is extracted from the text (an explicit null means "no
+    answer"), and a missing ``correct`` key is exact match with the reference when there is one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise ValueError(f"{where}: each sample must be an object with a string 'text'")
     answer, correct, score, tokens = (obj.get(k) for k in SAMPLE_KEYS[1:])
+    if "answer" not in obj:
+        answer = extract_answer(obj["text"])
+    if "correct" not in obj and reference is not None:
+        correct = exact_match(answer, reference)
     if answer is not None and not isinstance(answer, str):
         raise ValueError(f"{where}: sample 'answer' must be a string or null")
     if correct is not None and not isinstance(correct, bool):
@@ -77,7 +87,8 @@ def load_replay(path: str | os.PathLike) -> list[ReplayPrompt]:
             ref = obj.get("reference")
             if ref is not None and not isinstance(ref, str):
                 raise ValueError(f"{where}: 'reference' must be a string or null")
-            samples = tuple(_sample_from_json(s, where) for s in obj["samples"])
+            ref = reference_answer(ref)
+            samples = tuple(_sample_from_json(s, where, ref) for s in obj["samples"])
             pid = str(obj["id"])
             if pid in first_line:
                 raise ValueError(f"{where}: prompt id {pid!r} repeats the id of line {first_line[pid]}; ids must be unique")
@@ -136,7 +147,8 @@ def convert_esc(path: str | os.PathLike, out: str | os.PathLike | None = None) -
             if not all(isinstance(t, str) for t in texts):
                 raise ValueError(f"{path.name} line {lineno}: 'generated_answer' must be a list of strings")
             ref = obj.get("answer")
-            ref = None if ref is None else str(ref)
+            # ESC's GSM8K/MATH files hold the whole reference solution: compare with its final answer
+            ref = None if ref is None else reference_answer(str(ref))
             samples = []
             for text in texts:
                 answer = normalize_answer(extract_answer(text))

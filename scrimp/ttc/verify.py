@@ -14,16 +14,27 @@ import math
 import re
 import string
 from collections.abc import Sequence
+from decimal import Decimal
+from fractions import Fraction
 from typing import Protocol, runtime_checkable
 
 AGGREGATIONS = ("last", "min", "prod", "mean")
 
 # "The answer is X." — take the LAST occurrence: models often restate an intermediate guess first.
 # Also "Answer: X" / "Final answer: X"; "is" must end a word ("the answer isn't 5" states nothing).
-_ANSWER_IS = re.compile(r"\banswer(?:\s+is\b\s*[:：]?|\s*[:：])\s*(.+?)\s*(?:\.\s*(?:\n|$)|\.\s+(?=[A-Z])|\n|$)",
+# "**Final Answer**: X" (markdown) counts too. Matches are searched overlapping, so that in
+# "Final Answer: The final answer is 42." the inner "answer is 42" is the last one.
+_ANSWER_IS = re.compile(r"\banswer\**(?:\s+is\b\s*[:：]?|\s*[:：])\**\s*(.+?)\s*(?:\.\s*(?:\n|$)|\.\s+(?=[A-Z])|\n|$)",
                         re.IGNORECASE)
+# GSM8K's final-answer marker ("#### 72"), in references and in models trained on them.
+_HASHES = re.compile(r"####\s*([^\n]+)")
+# A few-shot completion that runs on into a made-up next exemplar: "... The answer is 18.\n\nQ: ..."
+_NEXT_QUESTION = re.compile(r"\n\s*(?:Q|Question)\s*[:：]")
+# The last-line fallback takes a short line (an answer), not a sentence of reasoning.
+FALLBACK_MAX_WORDS = 6
 _NUMBER = re.compile(r"^[-+]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
-_STRIP_CHARS = string.whitespace + string.punctuation.replace("-", "").replace("+", "") + "“”‘’"
+# Signs, braces and backslashes belong to the answer ("-3", "\\sqrt{2}"), other punctuation around it does not.
+_STRIP_CHARS = string.whitespace + "".join(c for c in string.punctuation if c not in "-+{}\\") + "“”‘’"
 
 
 def _boxed_contents(text: str) -> str | None:
@@ -45,29 +56,134 @@ def _boxed_contents(text: str) -> str | None:
     return None
 
 
+def _last_answer_is(text: str) -> str | None:
+    """The last "the answer is X" / "Answer: X", found by overlapping search."""
+    last, pos = None, 0
+    while (match := _ANSWER_IS.search(text, pos)) is not None:
+        if match.group(1).strip(_STRIP_CHARS):
+            last = match.group(1).strip()
+        pos = match.start() + 1
+    return last
+
+
 def extract_answer(text: str) -> str | None:
     """The raw answer stated in a completion, or None when there is none.
 
-    Order of precedence: ``\\boxed{...}`` (last one), then "the answer is X" (last one), then the
-    last non-empty line. Never looks at a reference. Follows Kojima et al. (2022) / MATH conventions.
+    Order of precedence: ``\\boxed{...}`` (last one), then GSM8K's "#### X" (last one), then "the
+    answer is X" / "Answer: X" (last one), then the last non-empty line when it is short (at most
+    ``FALLBACK_MAX_WORDS`` words: an answer, not a sentence of reasoning). Text from a made-up next
+    exemplar ("\\nQ: ...") is cut first. Never looks at a reference. Follows Kojima et al. (2022) /
+    MATH (Hendrycks et al., 2021) / GSM8K (Cobbe et al., 2021) conventions.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    # Runs of spaces collapse first: the answer regex backtracks quadratically over long ones.
+    text = re.sub(r"[^\S\n]+", " ", text)
+    head = _NEXT_QUESTION.split(text, maxsplit=1)[0]
+    text = head if head.strip(_STRIP_CHARS) else text
     boxed = _boxed_contents(text)
     if boxed is not None and boxed.strip():
         return boxed.strip()
-    matches = _ANSWER_IS.findall(text)
-    if matches:
-        candidate = matches[-1].strip()
-        if candidate.strip(_STRIP_CHARS):
-            return candidate
+    marked = [m.strip() for m in _HASHES.findall(text) if m.strip(_STRIP_CHARS)]
+    if marked:
+        return marked[-1]
+    stated = _last_answer_is(text)
+    if stated is not None:
+        return stated
     lines = [line.strip() for line in text.strip().splitlines() if line.strip(_STRIP_CHARS)]
-    return lines[-1] if lines else None
+    if lines and len(lines[-1].split()) <= FALLBACK_MAX_WORDS:
+        return lines[-1]
+    return None
+
+
+_LATEX_DROP = re.compile(r"\\(?:left|right|displaystyle)\b|\\[!,;: ]|\^\{?\\circ\}?")
+_LATEX_TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf|operatorname)\{([^{}]*)\}")
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\w))\s*(?:\{([^{}]*)\}|(\w))")
+_FRACTION = re.compile(r"^([-+]?)(\d+)/(\d+)$")
+_INTERVAL = re.compile(r"^[\[(].*,.*[\])]$")
+_WITH_UNIT = re.compile(r"^([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)\s*(?:%|[a-z][a-z .]*)$")
+
+
+def _plain_latex(text: str) -> str:
+    """Spell common LaTeX answer forms plainly: ``\\dfrac{1}{2}`` and ``\\frac12`` as ``1/2``, ``\\text{cm}``
+    as ``cm``, no ``\\left``/``\\right``/thin spaces/degree marks (the MATH answer conventions)."""
+    text = _LATEX_DROP.sub("", _LATEX_TEXT.sub(r"\1", text)).replace("\\%", "%")
+
+    def frac(m: re.Match) -> str:
+        top, bottom = m.group(1) or m.group(2), m.group(3) or m.group(4)
+        wrap = lambda part: part if re.fullmatch(r"[-+]?[\w.]+", part.strip()) else f"({part})"  # noqa: E731
+        return f"{wrap(top)}/{wrap(bottom)}"
+
+    return _LATEX_FRAC.sub(frac, text)
+
+
+_PAIRS = {"(": ")", "[": "]"}
+_NON_BRACKET = "".join(c for c in _STRIP_CHARS if c not in "()[]")
+
+
+def _strip_around(text: str) -> str:
+    """Surrounding punctuation off, brackets only as a pair around everything or when unmatched:
+    ``"(B)."`` -> ``"B"``, ``"b)"`` -> ``"b"``, but ``"(x+1)/2"`` keeps its parentheses."""
+    while True:
+        before = text
+        text = text.strip(_NON_BRACKET)
+        if len(text) >= 2 and _PAIRS.get(text[0]) == text[-1] and _balanced(text[1:-1]):
+            text = text[1:-1]
+        elif text and text[0] in _PAIRS and text.count(text[0]) > text.count(_PAIRS[text[0]]):
+            text = text[1:]
+        elif text and text[-1] in ")]" and text.count(text[-1]) > text.count("([" [")]".index(text[-1])]):
+            text = text[:-1]
+        if text == before:
+            return text
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for c in text:
+        depth += c in "(["
+        depth -= c in ")]"
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _canonical_number(text: str) -> str | None:
+    """One spelling per rational number ("007", "7.0", "14/2" -> "7"; "1/2", "0.50" -> "0.5"; "1/3"),
+    or None when ``text`` is not a plain decimal or fraction."""
+    fraction = _FRACTION.match(text)
+    if fraction:
+        sign, top, bottom = fraction.groups()
+        if int(bottom) == 0:
+            return None
+        value = Fraction(int(top), int(bottom)) * (-1 if sign == "-" else 1)
+    elif _NUMBER.match(text):
+        value = Fraction(text.replace(",", ""))
+    else:
+        return None
+    q = value.denominator
+    while q % 2 == 0:
+        q //= 2
+    while q % 5 == 0:
+        q //= 5
+    if q != 1:  # not a terminating decimal: keep the reduced fraction
+        return f"{value.numerator}/{value.denominator}"
+    digits = format(Decimal(value.numerator) / Decimal(value.denominator), "f")
+    if "." in digits:
+        digits = digits.rstrip("0").rstrip(".")
+    return "0" if digits in ("-0", "0") else digits
 
 
 def normalize_answer(answer: str | None) -> str | None:
-    """Canonical form for comparison: lower case, collapsed whitespace, no surrounding punctuation
-    or quotes, numbers without thousands separators or trailing zeros (``"1,000.50"`` -> ``"1000.5"``).
+    """Canonical form for comparison, so that votes and exact match see one spelling per answer.
+
+    - lower case, collapsed whitespace, no surrounding punctuation or quotes (but an interval such
+      as ``(-\\infty, 3]`` keeps its brackets);
+    - plain LaTeX (``\\frac{1}{2}`` -> ``1/2``, ``\\text{cm}`` -> ``cm``), the Unicode minus as ``-``;
+    - numbers without thousands separators or trailing zeros, fractions as decimals when they
+      terminate (``"1,000.50"`` -> ``"1000.5"``, ``"2/4"`` -> ``"0.5"``);
+    - a number followed by a unit or ``%`` is the number (``"42 dollars"`` -> ``"42"``), an equation
+      with a number on its right is that number (``"x = 42"`` -> ``"42"``);
+    - "Yes, ..." / "No. ..." is ``yes`` / ``no``.
 
     Returns None for None or for an answer that is empty after normalization.
     """
@@ -75,20 +191,34 @@ def normalize_answer(answer: str | None) -> str | None:
         return None
     if not isinstance(answer, str):
         raise TypeError(f"answer must be a str or None, got {type(answer).__name__}")
-    text = " ".join(answer.lower().split())
+    text = _plain_latex(answer.replace("\u2212", "-").replace("$", ""))
+    text = " ".join(text.lower().split())
     # ".5" and "-.5" are numbers: keep the point from being stripped as punctuation.
-    text = re.sub(r"^([-+]?)\.(\d)", r"\g<1>0.\2", text.replace("$", "").strip())
-    text = text.strip(_STRIP_CHARS)
+    text = re.sub(r"^([-+]?)\.(\d)", r"\g<1>0.\2", text.strip())
+    if _INTERVAL.match(text.rstrip(". ")):
+        return text.rstrip(". ") or None
+    text = _strip_around(text)
     # Quotes and periods inside short answers ("'onea'", "y.a.j.o") carry no meaning for matching.
-    text = re.sub(r"[\"'`“”‘’]", "", text).strip(_STRIP_CHARS)
-    if _NUMBER.match(text):
-        # One spelling per number, so that votes count "007", "7" and "7.0" as one answer.
-        sign, number = ("-", text[1:]) if text[0] == "-" else ("", text.lstrip("+"))
-        whole, _, frac = number.replace(",", "").partition(".")
-        whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
-        number = f"{whole}.{frac}" if frac else whole
-        text = number if number == "0" else sign + number
-    return text or None
+    text = _strip_around(re.sub(r"[\"'`“”‘’]", "", text))
+    yes_no = re.match(r"^(yes|no)[,.;:!]", text)
+    if yes_no:
+        return yes_no.group(1)
+    if "=" in text:
+        right = text.rsplit("=", 1)[1].strip(_STRIP_CHARS)
+        if _canonical_number(right) is not None:
+            text = right
+    with_unit = _WITH_UNIT.match(text)
+    if with_unit:
+        text = with_unit.group(1)
+    return _canonical_number(text) or text or None
+
+
+def reference_answer(reference: str | None) -> str | None:
+    """The final answer inside a reference that is a whole worked solution: GSM8K's "#### 72" or
+    MATH's ``\\boxed{...}``. A reference without either marker is already the answer."""
+    if reference is None or ("####" not in reference and "\\boxed" not in reference):
+        return reference
+    return extract_answer(reference)
 
 
 def exact_match(answer: str | None, reference: str | None) -> bool:

@@ -169,3 +169,10 @@ def test_lagrange_and_auto_on_a_medium_non_concave_instance():
     assert lag.cost <= 200 and lag.value <= dp.value + 1e-12 <= lag.bound + 2e-12
     assert greedy.value <= dp.value + 1e-12 <= greedy.bound + 2e-12 and not greedy.optimal
     assert auto.method == "dp" and auto.value == pytest.approx(dp.value, abs=1e-12)
+
+
+def test_allocate_counts_with_k_max_zero_gives_nothing():
+    # The utility is only defined for k in [0, k_max] = [0, 0]: it must not be probed at k = 1.
+    values = np.array([[0.3], [0.6]])
+    alloc = allocate_counts(lambda k, v: v[:, k[0]], values, 5, k_min=0, k_max=0)
+    assert list(alloc.counts) == [0, 0]

@@ -173,3 +173,12 @@ def test_duplicate_prompt_ids_are_refused(esc_prompts, tmp_path):
     save_replay(twice, tmp_path / "dup.jsonl")
     with pytest.raises(ValueError, match="line 2: prompt id .* repeats the id of line 1"):
         load_replay(tmp_path / "dup.jsonl")
+
+
+def test_knapsack_when_every_prompt_fits_in_its_pilot(esc_prompts):
+    # One or two recorded samples per prompt, a pilot of 2: nothing is left to allocate.
+    import dataclasses
+
+    prompts = [dataclasses.replace(p, samples=p.samples[: 1 + i % 2]) for i, p in enumerate(esc_prompts[:30])]
+    out = run_policy("knapsack", ReplayGenerator(prompts, seed=0), [p.id for p in prompts], 4, seed=0, pilot=2)
+    assert list(out.spent) == [len(p.samples) for p in prompts] and out.info["method"] == "pilot only"

@@ -108,3 +108,16 @@ def test_savings_interval_with_censored_resamples():
     never = savings_at_equal_accuracy(np.ones(n), 16, spend, corr * 0.5, n_boot=50)
     assert not never.reached and never.ratio == pytest.approx(4.0) and never.low_is_upper_bound
     assert str(never).startswith("<4.00x")
+
+
+def test_savings_use_the_baseline_s_real_spend_and_are_undefined_at_zero_accuracy():
+    rng = np.random.default_rng(0)
+    base = rng.random(50)
+    spend = np.tile([2.0, 4.0, 8.0], (50, 1))
+    correct = np.column_stack([base * 0.5, base, base])  # reaches the baseline's accuracy at spend 4
+    per_prompt = np.where(np.arange(50) < 25, 16.0, 4.0)  # half the prompts recorded only 4 samples
+    ragged = savings_at_equal_accuracy(base, per_prompt, spend, correct, n_boot=50)
+    assert ragged.reached and ragged.ratio == pytest.approx(per_prompt.mean() / 4)
+    assert savings_at_equal_accuracy(base, 10.0, spend, correct, n_boot=50).ratio == pytest.approx(10 / 4)
+    never = savings_at_equal_accuracy(np.zeros(50), 16.0, spend, correct, n_boot=50)
+    assert math.isnan(never.ratio) and "n/a" in str(never)

@@ -82,6 +82,29 @@ def test_any_canonical_replay_file_runs_through_the_entry_point(tmp_path):
     assert summary["accuracy_ci"][0] <= summary["accuracy"] <= summary["accuracy_ci"][1]
 
 
+def test_summary_is_strict_json_when_nothing_is_judged_or_right(tmp_path):
+    # No sample can be judged (no references): sample accuracy is undefined and the baseline is never
+    # right. summary.json must still be strict JSON (null, not a bare NaN) and say why savings are n/a.
+    import dataclasses
+
+    from scrimp.ttc.replay import convert_esc, save_replay
+
+    prompts = [dataclasses.replace(p, reference=None,
+                                   samples=tuple(dataclasses.replace(s, correct=None) for s in p.samples))
+               for p in convert_esc(shared_data_dir() / "ttc" / "esc_gpt35_last_letters_t0.7.jsonl")[:40]]
+    path = tmp_path / "unjudged.jsonl"
+    save_replay(prompts, path)
+    cfg = _cfg("data=replay_file", f"data.path={path}", "policy=uniform", "budget=4", "curve_budgets=[2,4]",
+               "baseline_budget=4", "repeats=1", "tune_repeats=1", "n_boot=50")
+    run(cfg, tmp_path / "out")
+
+    def refuse(constant):
+        raise ValueError(f"summary.json holds the non-JSON constant {constant}")
+
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text(), parse_constant=refuse)
+    assert saved["stats"]["sample_accuracy"] is None and saved["savings_vs_uniform"]["ratio"] is None
+
+
 @pytest.mark.parametrize("override, message", [
     ("policy.name=greedy", "error: policy.name must be one of"),
     ("data=replay_file", "error: data.path must name a recorded-samples file"),

@@ -33,3 +33,27 @@ def test_malformed_line_names_the_line(tmp_path):
     esc.write_text(json.dumps({"question": "q", "answer": "x", "generated_answer": ["The answer is x."]}) + "\n[1]\n")
     with pytest.raises(ValueError, match="line 2"):
         convert_esc(esc)
+
+
+def test_text_only_samples_are_extracted_and_judged(tmp_path):
+    # Another tool's samples with text but no answer/correct keys: extracted and judged on load;
+    # an explicit null answer stays "no answer" (and so is not correct).
+    rows = [{"id": "a", "prompt": "p", "reference": "She had 3 + 4 = 7.\n#### 7",
+             "samples": [{"text": "3 + 4 = 7\nThe answer is 7."}, {"text": "The answer is 8."},
+                         {"text": "The answer is 7.", "answer": None}]}]
+    path = tmp_path / "text_only.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    (prompt,) = load_replay(path)
+    assert prompt.reference == "7"
+    assert [(s.answer, s.correct) for s in prompt.samples] == [("7", True), ("8", False), (None, False)]
+
+
+def test_esc_references_that_are_whole_solutions_are_reduced_to_their_answer(tmp_path):
+    rows = [{"question": "q1", "answer": "Natalia sold 48/2 = 24 clips.\n48+24 = 72.\n#### 72",
+             "generated_answer": ["The answer is 72.", "#### 72.00", "The answer is 70."]},
+            {"question": "q2", "answer": "so the answer is $\\boxed{\\frac{3}{4}}$",
+             "generated_answer": ["The answer is \\boxed{0.75}.", "\\boxed{\\dfrac34}", "The answer is 3/5"]}]
+    path = tmp_path / "esc_gsm8k.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    prompts = convert_esc(path)
+    assert [[s.correct for s in p.samples] for p in prompts] == [[True, True, False], [True, True, False]]

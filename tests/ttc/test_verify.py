@@ -9,6 +9,7 @@ from scrimp.ttc.verify import (
     exact_match,
     extract_answer,
     normalize_answer,
+    reference_answer,
 )
 
 
@@ -24,6 +25,13 @@ from scrimp.ttc.verify import (
         ("Let me add them.\nFinal Answer: 42", "42"),
         ("Answer: (B)", "(B)"),
         ("The answer isn't 5; we must carry.\n7", "7"),
+        # formats of other models and harder tasks
+        ("Final Answer: The final answer is 42. I hope it is correct.", "42"),
+        ("So in total...\n**Final Answer**: 42", "42"),
+        ("She pays 3 * 24 = 72 dollars.\n#### 72", "72"),
+        ("The answer is 18.\n\nQ: Tom has 3 apples... A: The answer is 5.", "18"),
+        ("I am not sure how to solve this problem at all", None),  # a sentence is not an answer
+        ("Taking the last letters we get\nabcd", "abcd"),
     ],
 )
 def test_extract_answer(text, expected):
@@ -62,3 +70,33 @@ def test_prm_as_outcome_splits_steps():
 
     scorer = PRMAsOutcome(PRM(), how="min")
     assert scorer.score("q", ["ab\n\nabcd", "abcde"]) == [0.2, 0.5]
+
+
+def test_extraction_is_linear_in_long_runs_of_spaces():
+    # The answer regex used to backtrack quadratically (13 s for 32k spaces); collapsed first now.
+    import time
+
+    start = time.perf_counter()
+    assert extract_answer("The answer is x" + " " * 200_000 + "y") == "x y"
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("\\frac{1}{2}", "0.5"), ("\\dfrac{3}{4}", "0.75"), ("\\frac12", "0.5"), ("2/4", "0.5"), ("1/3", "1/3"),
+    ("\\frac{x+1}{2}", "(x+1)/2"), ("\\sqrt{2}", "\\sqrt{2}"), ("\\text{(B)}", "b"),
+    ("−5", "-5"), ("42 dollars", "42"), ("42%", "42"), ("x = 42", "42"), ("6 + 7 = 13", "13"),
+    ("(-\\infty, 3]", "(-\\infty, 3]"), ("[0, 1).", "[0, 1)"),
+    ("Yes, the coin is still heads up.", "yes"), ("No.", "no"), ("nkje", "nkje"), ("x^2+1", "x^2+1"),
+])
+def test_normalize_harder_task_answers(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_matching_of_fractions_intervals_and_references():
+    assert exact_match("\\frac{1}{2}", "0.5") and exact_match("1/2", "\\dfrac12")
+    assert not exact_match("(-\\infty, 3]", "(-\\infty, 3)")
+    assert not exact_match("1/3", "0.33")
+    solution = "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 72"
+    assert reference_answer(solution) == "72" and exact_match("72.0", reference_answer(solution))
+    assert reference_answer("so it is \\boxed{\\frac{3}{4}}") == "\\frac{3}{4}"
+    assert reference_answer("anna") == "anna" and reference_answer(None) is None
