@@ -69,3 +69,31 @@ def test_cap_majority_edges_and_rule():
         cap_majority_probability((1,), 1, 10, prior=0.0)
     with pytest.raises(ValueError, match="drawn"):
         cap_majority_probability((3,), 2, 10)
+
+
+def test_leader_vs_runner_up_bound_is_an_upper_bound_of_the_exact_probability():
+    from scrimp.ttc.stopping import cap_majority_probability, leader_vs_runner_up_bound
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = sorted(rng.integers(0, 6, rng.integers(2, 7)).tolist(), reverse=True)
+        if counts[0] == 0:
+            continue
+        drawn = sum(counts) + int(rng.integers(0, 3))
+        horizon, prior = drawn + int(rng.integers(0, 20)), float(rng.choice([0.5, 1.0]))
+        exact = cap_majority_probability(counts, drawn, horizon, prior)
+        assert leader_vs_runner_up_bound(counts, drawn, horizon, prior) >= exact - 1e-12
+
+
+def test_the_bound_never_changes_a_stopping_decision(monkeypatch):
+    # Spread votes (a hard task): the decisions with the bound's shortcut equal the exact ones.
+    from scrimp.ttc import stopping
+
+    rng = np.random.default_rng(1)
+    cases = [[str(a) for a in rng.integers(0, int(rng.integers(2, 8)), int(rng.integers(2, 20)))] for _ in range(150)]
+    fast = [stopping.should_stop(a, "dirichlet", threshold=t, prior=0.5, window=3, horizon=24)
+            for a in cases for t in (0.6, 0.9, 0.95)]
+    monkeypatch.setattr(stopping, "leader_vs_runner_up_bound", lambda *args: 1.0)
+    exact = [stopping.should_stop(a, "dirichlet", threshold=t, prior=0.5, window=3, horizon=24)
+             for a in cases for t in (0.6, 0.9, 0.95)]
+    assert fast == exact and any(exact) and not all(exact)
