@@ -142,25 +142,27 @@ def leader_vs_runner_up_bound(counts: Sequence[int], drawn: int, horizon: int, p
     property), that is a sum over the (x_1, x_2) grid: O(m^2) against the exact value's sum over all
     classes, which dominates the sequential policy's run time when a hard task spreads the votes.
     """
-    c = np.asarray(counts, dtype=np.float64).reshape(-1)
+    c = [int(v) for v in counts]
     m = max(int(horizon) - int(drawn), 0)
-    if c.size < 2 or m == 0:
+    if len(c) < 2 or m == 0:
         return 1.0
-    a1, a2 = c[0] + prior, c[1] + prior
-    a_rest = float(np.sum(c[2:] + prior)) + prior  # the other seen answers plus the unseen class
-    x = np.arange(m + 1, dtype=np.float64)
-    lg = np.vectorize(math.lgamma, otypes=[np.float64])
-    def log_rising(a):  # log (a)_x - log x!, for x = 0..m
-        return lg(a + x) - math.lgamma(a) - lg(x + 1.0)
+    rest = float(sum(c[2:])) + (len(c) - 2) * prior + prior  # the other seen answers plus the unseen class
+    return _pairwise_bound(c[0], c[1], rest, m, float(prior))
 
-    rest = m - x[:, None] - x[None, :]
-    log_rest = np.where(rest >= 0, lg(a_rest + np.maximum(rest, 0)) - math.lgamma(a_rest) - lg(np.maximum(rest, 0) + 1.0),
-                        -np.inf)
+
+@functools.lru_cache(maxsize=65536)
+def _pairwise_bound(c1: int, c2: int, a_rest: float, m: int, prior: float) -> float:
+    def log_terms(a: float) -> np.ndarray:  # log (a)_x - log x! for x = 0..m
+        return np.array([math.lgamma(a + x) - math.lgamma(a) - math.lgamma(x + 1.0) for x in range(m + 1)])
+
+    a1, a2 = c1 + prior, c2 + prior
+    x = np.arange(m + 1)
+    left = m - x[:, None] - x[None, :]  # draws that go to the lumped class
+    log_p = np.where(left >= 0, log_terms(a1)[:, None] + log_terms(a2)[None, :] + log_terms(a_rest)[np.clip(left, 0, m)],
+                     -np.inf)
     a_sum = a1 + a2 + a_rest
-    log_p = (log_rising(a1)[:, None] + log_rising(a2)[None, :] + log_rest
-             + math.lgamma(m + 1.0) + math.lgamma(a_sum) - math.lgamma(a_sum + m))
-    p = np.exp(log_p)
-    lead = (c[0] + x)[:, None] - (c[1] + x)[None, :]
+    p = np.exp(log_p + math.lgamma(m + 1.0) + math.lgamma(a_sum) - math.lgamma(a_sum + m))
+    lead = (c1 + x)[:, None] - (c2 + x)[None, :]
     return float(min(1.0, p[lead > 0].sum() + 0.5 * p[lead == 0].sum()))
 
 
