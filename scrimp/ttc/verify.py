@@ -203,7 +203,7 @@ def normalize_answer(answer: str | None) -> str | None:
     yes_no = re.match(r"^(yes|no)[,.;:!]", text)
     if yes_no:
         return yes_no.group(1)
-    if "=" in text:
+    if "=" in text and "," not in text:  # "a = 1, b = 2" is a tuple of values, not one number
         right = text.rsplit("=", 1)[1].strip(_STRIP_CHARS)
         if _canonical_number(right) is not None:
             text = right

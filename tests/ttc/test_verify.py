@@ -85,7 +85,7 @@ def test_extraction_is_linear_in_long_runs_of_spaces():
     ("\\frac{1}{2}", "0.5"), ("\\dfrac{3}{4}", "0.75"), ("\\frac12", "0.5"), ("2/4", "0.5"), ("1/3", "1/3"),
     ("\\frac{x+1}{2}", "(x+1)/2"), ("\\sqrt{2}", "\\sqrt{2}"), ("\\text{(B)}", "b"),
     ("−5", "-5"), ("42 dollars", "42"), ("42%", "42"), ("x = 42", "42"), ("6 + 7 = 13", "13"),
-    ("(-\\infty, 3]", "(-\\infty, 3]"), ("[0, 1).", "[0, 1)"),
+    ("a = 1, b = 2", "a = 1, b = 2"), ("(-\\infty, 3]", "(-\\infty, 3]"), ("[0, 1).", "[0, 1)"),
     ("Yes, the coin is still heads up.", "yes"), ("No.", "no"), ("nkje", "nkje"), ("x^2+1", "x^2+1"),
 ])
 def test_normalize_harder_task_answers(raw, expected):
