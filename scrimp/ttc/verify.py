@@ -71,16 +71,19 @@ def extract_answer(text: str) -> str | None:
 
     Order of precedence: ``\\boxed{...}`` (last one), then GSM8K's "#### X" (last one), then "the
     answer is X" / "Answer: X" (last one), then the last non-empty line when it is short (at most
-    ``FALLBACK_MAX_WORDS`` words: an answer, not a sentence of reasoning). Text from a made-up next
-    exemplar ("\\nQ: ...") is cut first. Never looks at a reference. Follows Kojima et al. (2022) /
-    MATH (Hendrycks et al., 2021) / GSM8K (Cobbe et al., 2021) conventions.
+    ``FALLBACK_MAX_WORDS`` words: an answer, not a sentence of reasoning). A made-up next exemplar
+    ("\\nQ: ..." after an answer was stated) is cut off first. Never looks at a reference. Follows
+    Kojima et al. (2022) / MATH (Hendrycks et al., 2021) / GSM8K (Cobbe et al., 2021) conventions.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     # Runs of spaces collapse first: the answer regex backtracks quadratically over long ones.
     text = re.sub(r"[^\S\n]+", " ", text)
-    head = _NEXT_QUESTION.split(text, maxsplit=1)[0]
-    text = head if head.strip(_STRIP_CHARS) else text
+    for cut in _NEXT_QUESTION.finditer(text):  # at the first new exemplar after an answer was stated
+        head = text[: cut.start()]
+        if _boxed_contents(head) is not None or _HASHES.search(head) or _last_answer_is(head) is not None:
+            text = head
+            break
     boxed = _boxed_contents(text)
     if boxed is not None and boxed.strip():
         return boxed.strip()

@@ -30,6 +30,7 @@ from scrimp.ttc.verify import (
         ("So in total...\n**Final Answer**: 42", "42"),
         ("She pays 3 * 24 = 72 dollars.\n#### 72", "72"),
         ("The answer is 18.\n\nQ: Tom has 3 apples... A: The answer is 5.", "18"),
+        ("Restating it.\nQuestion: how many?\nShe has 4 + 3.\nThe answer is 7.", "7"),  # no answer before Q:
         ("I am not sure how to solve this problem at all", None),  # a sentence is not an answer
         ("Taking the last letters we get\nabcd", "abcd"),
     ],
