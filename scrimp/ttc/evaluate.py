@@ -207,7 +207,10 @@ def savings_at_equal_accuracy(
     stats, hit = zip(*(ratio(rng.integers(0, n, n)) for _ in range(n_boot)))
     stats, hit = np.array(stats), np.array(hit)
     alpha = (1 - level) / 2
-    low, high = float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+    # A resample whose baseline is never right has no ratio (NaN): left out of the percentiles.
+    finite = stats[~np.isnan(stats)]
+    low, high = ((float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))) if finite.size
+                 else (math.nan, math.nan))
     point, reached = ratio(np.arange(n))
     # Replacing a censored value by a larger one can only raise a quantile; the quantile is exact unless
     # a censored resample's upper value sits at or above it.

@@ -27,9 +27,9 @@ AGGREGATIONS = ("last", "min", "prod", "mean")
 _ANSWER_IS = re.compile(r"\banswer\**(?:\s+is\b\s*[:：]?|\s*[:：])\**\s*(.+?)\s*(?:\.\s*(?:\n|$)|\.\s+(?=[A-Z])|\n|$)",
                         re.IGNORECASE)
 # GSM8K's final-answer marker ("#### 72"), in references and in models trained on them.
-_HASHES = re.compile(r"####\s*([^\n]+)")
+_HASHES = re.compile(r"####\s*(?=[-+$\d.])([^\n]+)")  # a number must follow: "#### Step 2" is a heading
 # A few-shot completion that runs on into a made-up next exemplar: "... The answer is 18.\n\nQ: ..."
-_NEXT_QUESTION = re.compile(r"\n\s*(?:Q|Question)\s*[:：]")
+_NEXT_QUESTION = re.compile(r"\n\s*(?:Q|Question|Problem)\s*\d*\s*[:：]")
 # The last-line fallback takes a short line (an answer), not a sentence of reasoning.
 FALLBACK_MAX_WORDS = 6
 _NUMBER = re.compile(r"^[-+]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
@@ -104,17 +104,25 @@ _LATEX_TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf|operatorname)\{([^{}]*
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\w))\s*(?:\{([^{}]*)\}|(\w))")
 _FRACTION = re.compile(r"^([-+]?)(\d+)/(\d+)$")
 _INTERVAL = re.compile(r"^[\[(].*,.*[\])]$")
-_WITH_UNIT = re.compile(r"^([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)\s*(?:%|[a-z][a-z .]*)$")
+_WITH_UNIT = re.compile(r"^([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(?:\s*%|\s+([a-z]{2,})(?:[ .][a-z.]+)*)$")
+# Words after a number that change its value or make it an expression, not a unit.
+_NOT_UNITS = frozenset("pi hundred thousand million billion trillion dozen and or more less half times to "
+                       "plus minus over squared cubed percent".split())
+_MIXED = re.compile(r"^([-+]?)(\d+) (\d+)/(\d+)$")
+_PLAIN_PART = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|[a-z]|\\[a-z]+)", re.IGNORECASE)
 
 
 def _plain_latex(text: str) -> str:
     """Spell common LaTeX answer forms plainly: ``\\dfrac{1}{2}`` and ``\\frac12`` as ``1/2``, ``\\text{cm}``
     as ``cm``, no ``\\left``/``\\right``/thin spaces/degree marks (the MATH answer conventions)."""
-    text = _LATEX_DROP.sub("", _LATEX_TEXT.sub(r"\1", text)).replace("\\%", "%")
+    text = _LATEX_DROP.sub("", _LATEX_TEXT.sub(r"\1", text))
+    for macro, plain in (("\\%", "%"), ("\\$", ""), ("{,}", ","), ("\\(", ""), ("\\)", ""), ("\\[", ""), ("\\]", "")):
+        text = text.replace(macro, plain)
+    text = re.sub(r"(\d)\s*(?=\\[dt]?frac)", r"\1 ", text)  # 1\frac{1}{2}: a mixed number, not 11/2
 
     def frac(m: re.Match) -> str:
-        top, bottom = m.group(1) or m.group(2), m.group(3) or m.group(4)
-        wrap = lambda part: part if re.fullmatch(r"[-+]?[\w.]+", part.strip()) else f"({part})"  # noqa: E731
+        top, bottom = (m.group(1) or m.group(2)).strip(), (m.group(3) or m.group(4)).strip()
+        wrap = lambda part: part if _PLAIN_PART.fullmatch(part) else f"({part})"  # noqa: E731
         return f"{wrap(top)}/{wrap(bottom)}"
 
     return _LATEX_FRAC.sub(frac, text)
@@ -153,8 +161,13 @@ def _balanced(text: str) -> bool:
 def _canonical_number(text: str) -> str | None:
     """One spelling per rational number ("007", "7.0", "14/2" -> "7"; "1/2", "0.50" -> "0.5"; "1/3"),
     or None when ``text`` is not a plain decimal or fraction."""
-    fraction = _FRACTION.match(text)
-    if fraction:
+    fraction, mixed = _FRACTION.match(text), _MIXED.match(text)
+    if mixed:
+        sign, whole, top, bottom = mixed.groups()
+        if int(bottom) == 0:
+            return None
+        value = (int(whole) + Fraction(int(top), int(bottom))) * (-1 if sign == "-" else 1)
+    elif fraction:
         sign, top, bottom = fraction.groups()
         if int(bottom) == 0:
             return None
@@ -194,26 +207,34 @@ def normalize_answer(answer: str | None) -> str | None:
         return None
     if not isinstance(answer, str):
         raise TypeError(f"answer must be a str or None, got {type(answer).__name__}")
-    text = _plain_latex(answer.replace("\u2212", "-").replace("$", ""))
+    text = _plain_latex(answer.replace("\u2212", "-")).replace("$", "")
     text = " ".join(text.lower().split())
     # ".5" and "-.5" are numbers: keep the point from being stripped as punctuation.
     text = re.sub(r"^([-+]?)\.(\d)", r"\g<1>0.\2", text.strip())
     if _INTERVAL.match(text.rstrip(". ")):
-        return text.rstrip(". ") or None
+        return _tight(text.rstrip(". ")) or None
     text = _strip_around(text)
     # Quotes and periods inside short answers ("'onea'", "y.a.j.o") carry no meaning for matching.
     text = _strip_around(re.sub(r"[\"'`“”‘’]", "", text))
     yes_no = re.match(r"^(yes|no)[,.;:!]", text)
     if yes_no:
         return yes_no.group(1)
-    if "=" in text and "," not in text:  # "a = 1, b = 2" is a tuple of values, not one number
-        right = text.rsplit("=", 1)[1].strip(_STRIP_CHARS)
-        if _canonical_number(right) is not None:
-            text = right
+    # "x = 42" and "6 + 7 = 13" are 42 and 13; "x = 2 or x = -3", "x >= 5", "2x = 10" stay as they are.
+    equation = re.fullmatch(r"([a-z]|[\d\s+\-*/().]+?)\s*=\s*([^=<>!]+)", text)
+    if equation and _canonical_number(equation.group(2).strip()) is not None:
+        text = equation.group(2).strip()
     with_unit = _WITH_UNIT.match(text)
-    if with_unit:
+    if with_unit and with_unit.group(2) not in _NOT_UNITS:
         text = with_unit.group(1)
+    text = _tight(text)
     return _canonical_number(text) or text or None
+
+
+def _tight(text: str) -> str:
+    """Spaces around operators, brackets and commas carry no meaning in math answers: "(2, -1)" is
+    "(2,-1)" and "x^2 + 1" is "x^2+1"; a minus loses its spaces only after a number or a bracket, so
+    that text like "a - b" keeps them."""
+    return re.sub(r"\s*([,+*/=^()\[\]]|(?<=[\d)\]])\s*-)\s*", lambda m: m.group(1).strip(), text)
 
 
 def reference_answer(reference: str | None) -> str | None:

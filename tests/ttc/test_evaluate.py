@@ -121,3 +121,12 @@ def test_savings_use_the_baseline_s_real_spend_and_are_undefined_at_zero_accurac
     assert savings_at_equal_accuracy(base, 10.0, spend, correct, n_boot=50).ratio == pytest.approx(10 / 4)
     never = savings_at_equal_accuracy(np.zeros(50), 16.0, spend, correct, n_boot=50)
     assert math.isnan(never.ratio) and "n/a" in str(never)
+
+
+def test_savings_interval_leaves_out_resamples_whose_baseline_is_never_right():
+    base = np.zeros(100)
+    base[0] = 1.0  # one prompt right: many bootstrap resamples miss it and have no accuracy to match
+    spend = np.tile([2.0, 4.0], (100, 1))
+    correct = np.column_stack([base, base])
+    got = savings_at_equal_accuracy(base, 8.0, spend, correct, n_boot=200)
+    assert got.ratio == pytest.approx(4.0) and math.isfinite(got.low) and math.isfinite(got.high)

@@ -33,6 +33,8 @@ from scrimp.ttc.verify import (
         ("Restating it.\nQuestion: how many?\nShe has 4 + 3.\nThe answer is 7.", "7"),  # no answer before Q:
         ("I am not sure how to solve this problem at all", None),  # a sentence is not an answer
         ("Taking the last letters we get\nabcd", "abcd"),
+        ("#### Final Answer\nThe answer is 18.", "18"),  # a markdown heading is not GSM8K's marker
+        ("The answer is 3.\n\nProblem 2: what is 1+1? The answer is 2.", "3"),
     ],
 )
 def test_extract_answer(text, expected):
@@ -86,7 +88,13 @@ def test_extraction_is_linear_in_long_runs_of_spaces():
     ("\\frac{1}{2}", "0.5"), ("\\dfrac{3}{4}", "0.75"), ("\\frac12", "0.5"), ("2/4", "0.5"), ("1/3", "1/3"),
     ("\\frac{x+1}{2}", "(x+1)/2"), ("\\sqrt{2}", "\\sqrt{2}"), ("\\text{(B)}", "b"),
     ("−5", "-5"), ("42 dollars", "42"), ("42%", "42"), ("x = 42", "42"), ("6 + 7 = 13", "13"),
-    ("a = 1, b = 2", "a = 1, b = 2"), ("(-\\infty, 3]", "(-\\infty, 3]"), ("[0, 1).", "[0, 1)"),
+    ("a = 1, b = 2", "a=1,b=2"), ("(-\\infty, 3]", "(-\\infty,3]"), ("[0, 1).", "[0,1)"),
+    # not units, not one equation, not a plain fraction: left as expressions (a review's cases)
+    ("2x", "2x"), ("\\boxed{10x}", "\\boxed{10x}"), ("1.5 million", "1.5 million"), ("5 or more", "5 or more"),
+    ("x = 2 or x = -3", "x=2 or x=-3"), ("2x = 10", "2x=10"), ("x >= 5", "x >=5"),
+    ("\\frac{1}{2}x", "1/2x"), ("\\frac{1}{2x}", "1/(2x)"), ("1\\frac{1}{2}", "1.5"), ("-2\\frac{1}{4}", "-2.25"),
+    ("\\$32", "32"), ("\\( 18 \\)", "18"), ("10{,}000", "10000"), ("(2, -1)", "(2,-1)"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\pi/2)"), ("x^2 + 2x + 1", "x^2+2x+1"), ("a - b", "a - b"),
     ("Yes, the coin is still heads up.", "yes"), ("No.", "no"), ("nkje", "nkje"), ("x^2+1", "x^2+1"),
 ])
 def test_normalize_harder_task_answers(raw, expected):
