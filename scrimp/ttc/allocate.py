@@ -197,6 +197,9 @@ def knapsack(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.r
     _draw(generator, ids, pilots, held)
     room = cap - pilots
     extra_cap = int(room.max())
+    if extra_cap == 0:  # every prompt's recorded samples went into its pilot: nothing left to buy
+        return _finish(generator, ids, held, budget, utility, rng, method="pilot only", optimal=True,
+                       requested=pilots)
     if utility == "coverage":
         wins = np.array([sum(bool(s.correct) for s in h) for h in held], dtype=float)
         post = BetaPosterior(wins[:, None], (pilots - wins)[:, None], prior=(prior, prior))
@@ -210,9 +213,6 @@ def knapsack(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.r
     # No value beyond what a prompt has recorded: the solver then never buys samples it cannot draw.
     value = np.where(np.arange(extra_cap + 1)[None, :] <= room[:, None], value,
                      value[np.arange(len(ids)), room][:, None])
-    if extra_cap == 0:  # every prompt's recorded samples went into its pilot: nothing left to buy
-        return _finish(generator, ids, held, budget, utility, rng, method="pilot only", optimal=True,
-                       requested=pilots)
     alloc = allocate_counts(lambda k, v: v[:, k[0]], value, budget - int(pilots.sum()), k_min=0, k_max=extra_cap)
     requested = np.asarray(alloc.counts, dtype=np.int64)
     _draw(generator, ids, np.minimum(requested, room), held)

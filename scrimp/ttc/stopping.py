@@ -114,6 +114,19 @@ def cap_majority_probability(counts: Sequence[int], drawn: int, horizon: int, pr
     return _cap_majority_exact(tuple(int(x) for x in c), m, float(prior))
 
 
+_lgamma = np.vectorize(math.lgamma, otypes=[np.float64])
+
+
+def _log_weight(alpha, x):
+    """log((alpha)_x / x!), elementwise for x >= 0: a class's factor in the Dirichlet-multinomial pmf."""
+    return _lgamma(alpha + x) - _lgamma(alpha) - _lgamma(x + 1.0)
+
+
+def _log_normalizer(m: int, a_sum: float) -> float:
+    """log(m! / (A)_m): the rest of the Dirichlet-multinomial pmf of m draws, A the summed pseudo-counts."""
+    return math.lgamma(m + 1.0) + math.lgamma(a_sum) - math.lgamma(a_sum + m)
+
+
 @functools.lru_cache(maxsize=65536)
 def _cap_majority_exact(counts: tuple[int, ...], m: int, prior: float) -> float:
     from scrimp.allocators.utility import majority_table
@@ -123,12 +136,9 @@ def _cap_majority_exact(counts: tuple[int, ...], m: int, prior: float) -> float:
     top = int(c.sum()) + m
     y = np.arange(top + 1, dtype=np.float64)
     x = y[None, :] - c[:, None]  # new votes a class needs to end at y; a final count below c is impossible
-    xs = np.maximum(x, 0.0)
-    lgamma = np.vectorize(math.lgamma, otypes=[np.float64])
-    log_w = np.where(x >= 0, lgamma(alpha[:, None] + xs) - lgamma(alpha)[:, None] - lgamma(xs + 1.0), -np.inf)
+    log_w = np.where(x >= 0, _log_weight(alpha[:, None], np.maximum(x, 0.0)), -np.inf)
     log_norm = np.full((1, top + 1), -np.inf)
-    a_sum = float(alpha.sum())
-    log_norm[0, top] = math.lgamma(m + 1.0) + math.lgamma(a_sum) - math.lgamma(a_sum + m)
+    log_norm[0, top] = _log_normalizer(m, float(alpha.sum()))
     table = majority_table(log_w[None, 0], log_w[None, 1:], log_norm, top)
     return float(min(1.0, table[0, top]))
 
@@ -152,16 +162,13 @@ def leader_vs_runner_up_bound(counts: Sequence[int], drawn: int, horizon: int, p
 
 @functools.lru_cache(maxsize=65536)
 def _pairwise_bound(c1: int, c2: int, a_rest: float, m: int, prior: float) -> float:
-    def log_terms(a: float) -> np.ndarray:  # log (a)_x - log x! for x = 0..m
-        return np.array([math.lgamma(a + x) - math.lgamma(a) - math.lgamma(x + 1.0) for x in range(m + 1)])
-
     a1, a2 = c1 + prior, c2 + prior
     x = np.arange(m + 1)
+    draws = x.astype(np.float64)
     left = m - x[:, None] - x[None, :]  # draws that go to the lumped class
-    log_p = np.where(left >= 0, log_terms(a1)[:, None] + log_terms(a2)[None, :] + log_terms(a_rest)[np.clip(left, 0, m)],
-                     -np.inf)
-    a_sum = a1 + a2 + a_rest
-    p = np.exp(log_p + math.lgamma(m + 1.0) + math.lgamma(a_sum) - math.lgamma(a_sum + m))
+    log_p = np.where(left >= 0, _log_weight(a1, draws)[:, None] + _log_weight(a2, draws)[None, :]
+                     + _log_weight(a_rest, draws)[np.clip(left, 0, m)], -np.inf)
+    p = np.exp(log_p + _log_normalizer(m, a1 + a2 + a_rest))
     lead = (c1 + x)[:, None] - (c2 + x)[None, :]
     return float(min(1.0, p[lead > 0].sum() + 0.5 * p[lead == 0].sum()))
 

@@ -102,13 +102,12 @@ def extract_answer(text: str) -> str | None:
 _LATEX_DROP = re.compile(r"\\(?:left|right|displaystyle)\b|\\[!,;: ]|\^\{?\\circ\}?")
 _LATEX_TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf|operatorname)\{([^{}]*)\}")
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\w))\s*(?:\{([^{}]*)\}|(\w))")
-_FRACTION = re.compile(r"^([-+]?)(\d+)/(\d+)$")
 _INTERVAL = re.compile(r"^[\[(].*,.*[\])]$")
 _WITH_UNIT = re.compile(r"^([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(?:\s*%|\s+([a-z]{2,})(?:[ .][a-z.]+)*)$")
 # Words after a number that change its value or make it an expression, not a unit.
 _NOT_UNITS = frozenset("pi hundred thousand million billion trillion dozen and or more less half times to "
                        "plus minus over squared cubed percent".split())
-_MIXED = re.compile(r"^([-+]?)(\d+) (\d+)/(\d+)$")
+_FRACTION = re.compile(r"^([-+]?)(?:(\d+) )?(\d+)/(\d+)$")  # "3/4", and the mixed number "1 1/2"
 _PLAIN_PART = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|[a-z]|\\[a-z]+)", re.IGNORECASE)
 
 
@@ -129,6 +128,7 @@ def _plain_latex(text: str) -> str:
 
 
 _PAIRS = {"(": ")", "[": "]"}
+_OPENERS = {")": "(", "]": "["}
 _NON_BRACKET = "".join(c for c in _STRIP_CHARS if c not in "()[]")
 
 
@@ -142,7 +142,7 @@ def _strip_around(text: str) -> str:
             text = text[1:-1]
         elif text and text[0] in _PAIRS and text.count(text[0]) > text.count(_PAIRS[text[0]]):
             text = text[1:]
-        elif text and text[-1] in ")]" and text.count(text[-1]) > text.count("([" [")]".index(text[-1])]):
+        elif text and text[-1] in _OPENERS and text.count(text[-1]) > text.count(_OPENERS[text[-1]]):
             text = text[:-1]
         if text == before:
             return text
@@ -161,17 +161,12 @@ def _balanced(text: str) -> bool:
 def _canonical_number(text: str) -> str | None:
     """One spelling per rational number ("007", "7.0", "14/2" -> "7"; "1/2", "0.50" -> "0.5"; "1/3"),
     or None when ``text`` is not a plain decimal or fraction."""
-    fraction, mixed = _FRACTION.match(text), _MIXED.match(text)
-    if mixed:
-        sign, whole, top, bottom = mixed.groups()
+    fraction = _FRACTION.match(text)
+    if fraction:
+        sign, whole, top, bottom = fraction.groups()
         if int(bottom) == 0:
             return None
-        value = (int(whole) + Fraction(int(top), int(bottom))) * (-1 if sign == "-" else 1)
-    elif fraction:
-        sign, top, bottom = fraction.groups()
-        if int(bottom) == 0:
-            return None
-        value = Fraction(int(top), int(bottom)) * (-1 if sign == "-" else 1)
+        value = (int(whole or 0) + Fraction(int(top), int(bottom))) * (-1 if sign == "-" else 1)
     elif _NUMBER.match(text):
         value = Fraction(text.replace(",", ""))
     else:
