@@ -75,13 +75,10 @@ def test_prm_as_outcome_splits_steps():
     assert scorer.score("q", ["ab\n\nabcd", "abcde"]) == [0.2, 0.5]
 
 
-def test_extraction_is_linear_in_long_runs_of_spaces():
-    # The answer regex used to backtrack quadratically (13 s for 32k spaces); collapsed first now.
-    import time
-
-    start = time.perf_counter()
+def test_extraction_survives_long_runs_of_spaces():
+    # The answer regex used to backtrack quadratically over runs of spaces (13 s for 32k of them, so
+    # minutes here); they are collapsed first now. Not a timed test: the suite's time limit is the guard.
     assert extract_answer("The answer is x" + " " * 200_000 + "y") == "x y"
-    assert time.perf_counter() - start < 2.0
 
 
 @pytest.mark.parametrize("raw, expected", [
