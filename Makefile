@@ -34,7 +34,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	@cuda=$$($(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))"); \
 	for b in benchmarks/*.py; do \
-	  case $$b in *fused_kernels.py|*_gpu.py) [ "$$cuda" = 1 ] || { echo "== $$b: skipped (needs CUDA)"; continue; };; esac; \
+	  case $$b in *kernels.py|*_gpu.py) [ "$$cuda" = 1 ] || { echo "== $$b: skipped (needs CUDA)"; continue; };; esac; \
 	  echo "== $$b"; $(BIN)/python $$b || exit 1; \
 	done
 

@@ -45,7 +45,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, print 
 
 # The fused-kernel benchmark first: its table is what the README reports. --budget-s stops starting
 # new cases early enough that the table is printed before the limit.
-TAIL_LINES=40 step fused_kernels "${BENCH_LIMIT:-260}" "$py" benchmarks/fused_kernels.py \
+TAIL_LINES=40 step kernels "${BENCH_LIMIT:-260}" "$py" benchmarks/kernels.py \
   --budget-s "${BENCH_BUDGET:-200}" --json "$out/kernels_bench.json"
 # Every kernel test, compiled (not only the `gpu` ones: the small-shape and every-autotune-config
 # tests run compiled here too), plus the peak-memory estimate against the CUDA allocator. Several

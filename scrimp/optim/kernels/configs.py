@@ -3,14 +3,14 @@
 On CUDA the kernels are autotuned over the lists below, written for H100/H200-class GPUs (sm_90).
 Under ``TRITON_INTERPRET=1`` one small
 fixed configuration is used, because the interpreter runs every program in Python and only
-correctness matters there. The lists are starting points; benchmarks/fused_kernels.py prints which one won.
+correctness matters there. The lists are starting points; benchmarks/kernels.py prints which one won.
 """
 
 from __future__ import annotations
 
 import triton
 
-# Chosen from an sm_90 compile report (``benchmarks/fused_kernels.py --compile-report``, ptxas from Triton
+# Chosen from an sm_90 compile report (``benchmarks/kernels.py --compile-report``, ptxas from Triton
 # 3.9, no GPU needed, 2026-11-25): tiles whose tf32x3 variant keeps within 255 registers without
 # spilling (kernel 1), or spilling at most ~100 bytes with a residual (kernel 2, which holds two
 # accumulators plus the W and G tiles). Larger tiles (128x128, 64x256) spilled 300-2000 bytes at any

@@ -1,4 +1,4 @@
-"""benchmarks/fused_kernels.py runs end to end (``--interpret-smoke``: tiny shapes, CPU, Triton interpreter).
+"""benchmarks/kernels.py runs end to end (``--interpret-smoke``: tiny shapes, CPU, Triton interpreter).
 
 The script itself checks the fused step against the torch path for every case it times and exits
 non-zero on a disagreement; here it runs in a subprocess so that its TRITON_INTERPRET never reaches
@@ -21,7 +21,7 @@ def test_benchmark_script_smoke_prints_its_table():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke is the CPU path even on a GPU machine
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "fused_kernels.py"), "--interpret-smoke", "--dtypes", "fp32,bf16",
+        [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--interpret-smoke", "--dtypes", "fp32,bf16",
          "--residuals", "none,sign_sgd"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -37,6 +37,6 @@ def test_benchmark_script_smoke_prints_its_table():
 def test_benchmark_script_refuses_without_cuda():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fused_kernels.py")], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "needs CUDA" in done.stderr
