@@ -23,17 +23,20 @@ from .layerwise import layerwise as make_layerwise
 COMMON_KEYS = ("lr", "weight_decay", "betas", "eps")
 WRAPPER_KEYS = ("layerwise", "accumulate", "clip_grad_norm")
 GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "projector", "stagger", "seed")
+GALORE_KEYS = ("target_modules", "eps_style")
 FRUGAL_GROUP_KEYS = ("density", "rank")
 FRUGAL_KEYS = ("update_gap", "proj_type", "inactive_update_rule", "inactive_lr_scale", "proj_params_lr_scale",
-               "reset_statistics", "proj_side", "stagger", "seed")
+               "reset_statistics", "proj_side", "block_order", "stagger", "seed", "eps_style")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "adamw": COMMON_KEYS + ("fused", "foreach", "amsgrad"),
     "adamw8bit": COMMON_KEYS,
-    "galore": COMMON_KEYS + GALORE_GROUP_KEYS + ("target_modules", "fused"),
-    "galore8bit": COMMON_KEYS + GALORE_GROUP_KEYS + ("target_modules",),
+    "galore": COMMON_KEYS + GALORE_GROUP_KEYS + GALORE_KEYS + ("fused",),
+    "galore8bit": COMMON_KEYS + GALORE_GROUP_KEYS + GALORE_KEYS,
     "frugal": COMMON_KEYS + FRUGAL_GROUP_KEYS + FRUGAL_KEYS + ("target_modules", "fused"),
 }
 ZEROTH_ORDER = {"zo_sgd": "scrimp.optim.zeroth_order:ZOSGD", "zo_adam": "scrimp.optim.zeroth_order:ZOAdam"}
+# MeZO's zo_update (Malladi et al., 2023, large_models/trainer.py) decays no parameter whose name holds these.
+MEZO_NO_DECAY = ("bias", "layer_norm", "layernorm")
 KNOWN_NAMES = tuple(ALLOWED) + tuple(ZEROTH_ORDER)
 
 
@@ -76,7 +79,7 @@ def build(cfg: Any, model: nn.Module):
             raise ValueError(f"layerwise=True does not apply to {name}: zeroth-order optimizers run no backward")
         cls = resolve(ZEROTH_ORDER[name])
         try:
-            return cls([p for p in model.parameters() if p.requires_grad], **cfg)
+            return cls(zeroth_order_groups(model, cfg.get("weight_decay", 0.0)), **cfg)
         except TypeError as err:
             raise ValueError(f"bad arguments for optimizer {name!r}: {err}") from err
     extra = sorted(set(cfg) - set(ALLOWED[name]))
@@ -87,6 +90,20 @@ def build(cfg: Any, model: nn.Module):
     if use_layerwise:
         return make_layerwise(model, factory, accumulate, clip_grad_norm=wrap.get("clip_grad_norm"), groups=groups)
     return factory(groups)
+
+
+def zeroth_order_groups(model: nn.Module, weight_decay: float) -> list:
+    """The trainable parameters, with MeZO's weight-decay exemption when there is weight decay.
+
+    Without weight decay they stay one list in model order (the order keys each perturbation);
+    with it, names holding "bias", "layer_norm" or "layernorm" go to a second group with none.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = [p for n, p in named if any(key in n for key in MEZO_NO_DECAY)]
+    if not weight_decay or not exempt or isinstance(weight_decay, bool):
+        return [p for _, p in named]
+    decayed = [p for n, p in named if not any(key in n for key in MEZO_NO_DECAY)]
+    return [g for g in ({"params": decayed}, {"params": exempt, "weight_decay": 0.0}) if g["params"]]
 
 
 def _groups_and_factory(name: str, cfg: dict, model: nn.Module):

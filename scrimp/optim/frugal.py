@@ -6,11 +6,21 @@ names and are translated to the engine's group keys:
 
     density / rank          -> size of the state-full subspace (``rank=0``: no state at all)
     update_gap              -> update_proj_gap
-    proj_type               -> projector (svd/random/randperm/randk/rows/columns/blocks)
+    proj_type               -> projector (svd/random/randperm/randk/blocks; FRUGAL's coordinate
+                               ``columns``/``rows`` are a random subset of columns/rows drawn at each
+                               refresh, i.e. the engine's ``randperm`` on the right/left side)
     inactive_update_rule    -> residual (sign_sgd/sgd/no)
-    inactive_lr_scale       -> residual_lr_scale
-    proj_params_lr_scale    -> scale
+    proj_params_lr_scale    -> scale, and a factor of the state-free lr too
+    inactive_lr_scale       -> residual_lr_scale = inactive_lr_scale * proj_params_lr_scale
     reset_statistics        -> reset the moments at each subspace change
+    block_order             -> block_order (random/ascending/descending)
+
+The update is FRUGAL's (``frugal/proj_optimizer_templates.py`` of the authors' code): the state-full
+part moves with lr * proj_params_lr_scale, the state-free part with lr * proj_params_lr_scale *
+inactive_lr_scale, and Adam adds eps to the bias-corrected sqrt(v) (``eps_style="torch"``), with
+FRUGAL's AdamW defaults eps 1e-8 and weight decay 0.01. One difference stays on purpose:
+refreshes are staggered across parameters (``stagger=True``); ``stagger=False`` refreshes every
+matrix on the same steps, as FRUGAL does.
 
     from scrimp.optim import FrugalAdamW, param_groups
     opt = FrugalAdamW(param_groups(model, density=0.25), lr=1e-3, proj_type="randk")
@@ -23,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .subspace import SubspaceAdamW
+from .subspace import PROJECTION_DEFAULTS, SubspaceAdamW, check_number, validate_group
 
 FRUGAL_PROJ_TYPES = ("svd", "random", "randperm", "randk", "rows", "columns", "blocks")
 INACTIVE_RULES = {"sign_sgd": "sign_sgd", "sgd": "sgd", "no": None}
@@ -32,6 +42,8 @@ _RENAMES = {
     "inactive_lr_scale": "residual_lr_scale",
     "proj_params_lr_scale": "scale",
 }
+# FRUGAL's CoordinateProjector: a random subset of columns (right side) or rows (left side).
+_COORDINATE_SIDES = {"columns": "right", "rows": "left"}
 
 
 def frugal_group(group: dict, defaults: dict[str, Any]) -> dict:
@@ -53,22 +65,29 @@ def frugal_group(group: dict, defaults: dict[str, Any]) -> dict:
     proj_type = merged.pop("proj_type")
     if proj_type not in FRUGAL_PROJ_TYPES:
         raise ValueError(f"proj_type must be one of {FRUGAL_PROJ_TYPES}, got {proj_type!r}")
+    for name in ("inactive_lr_scale", "proj_params_lr_scale"):
+        check_number(name, merged[name])
     rule = merged.pop("inactive_update_rule")
     if rule not in INACTIVE_RULES:
         raise ValueError(f"inactive_update_rule must be one of {tuple(INACTIVE_RULES)}, got {rule!r}")
-    merged["projector"] = proj_type
     merged["residual"] = INACTIVE_RULES[rule]
-    merged["proj_type"] = merged.pop("proj_side")
+    side = merged.pop("proj_side")
+    merged["projector"], merged["proj_type"] = (
+        ("randperm", _COORDINATE_SIDES[proj_type]) if proj_type in _COORDINATE_SIDES else (proj_type, side))
     for old, new in _RENAMES.items():
         merged[new] = merged.pop(old)
+    # FRUGAL scales the state-free lr by proj_params_lr_scale too (inactive_lr = lr * both scales).
+    merged["residual_lr_scale"] = merged["residual_lr_scale"] * merged["scale"]
     return merged
 
 
 class FrugalAdamW(SubspaceAdamW):
     """FRUGAL with AdamW as the state-full optimizer and signSGD/SGD for the state-free residual.
 
-    ``density`` in (0, 1] is the fraction of directions (entries for randk, parameters for
-    blocks) that keep Adam state; ``density=1`` is AdamW. ``rank`` gives the size directly;
+    ``params`` are param groups (``param_groups(model, density=...)``; groups with ``density``,
+    ``rank`` or ``is_proj_params=True`` are FRUGAL's) or a flat list, whose 2-D tensors then form
+    one FRUGAL group. ``density`` in (0, 1] is the fraction of directions (entries for randk,
+    parameters for blocks) that keep Adam state; ``density=1`` is AdamW. ``rank`` gives the size directly;
     ``rank=0`` keeps no state (pure signSGD/SGD on the group). ``proj_side`` is GaLore's side
     rule (std/reverse_std/left/right) for svd/random/randperm.
     """
@@ -79,7 +98,7 @@ class FrugalAdamW(SubspaceAdamW):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         *,
         density: float | None = 0.25,
         rank: int | None = None,
@@ -90,21 +109,30 @@ class FrugalAdamW(SubspaceAdamW):
         proj_params_lr_scale: float = 1.0,
         reset_statistics: bool = True,
         proj_side: str = "std",
+        block_order: str = "random",
         stagger: bool = True,
         seed: int = 0,
+        eps_style: str = "torch",
         fused: bool | None = None,
     ):
         defaults = dict(
             density=None if rank is not None else density, rank=rank, update_gap=update_gap, proj_type=proj_type,
             inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
             proj_params_lr_scale=proj_params_lr_scale, reset_statistics=reset_statistics, proj_side=proj_side,
-            stagger=stagger, seed=seed,
+            block_order=block_order, stagger=stagger, seed=seed,
         )
-        frugal_group({"params": [], "is_proj_params": True}, defaults)  # validate the FRUGAL names up front
+        # Every setting is checked up front, also ones no group ends up using.
+        validate_group({**PROJECTION_DEFAULTS, **frugal_group({"params": [], "is_proj_params": True}, defaults),
+                        "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "eps_style": eps_style},
+                       allow_empty_subspace=True)
         params = list(params)
         if params and isinstance(params[0], dict):
             groups = [frugal_group(g, defaults) for g in params]
         else:
-            groups = [{"params": params}]
-        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused,
-                         allow_empty_subspace=True)
+            # A flat list: its matrices get the state-full subspace, everything else plain AdamW
+            # (FRUGAL leaves norms, biases and vectors to AdamW too).
+            matrices = [p for p in params if p.dim() == 2]
+            groups = [g for g in (frugal_group({"params": matrices, "is_proj_params": True}, defaults),
+                                  {"params": [p for p in params if p.dim() != 2]}) if g["params"]]
+        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_style=eps_style,
+                         fused=fused, allow_empty_subspace=True)

@@ -17,13 +17,36 @@ arXiv:2411.07837). Weight decay is decoupled and applied first, in the full spac
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 SIDES = ("left", "right")
 RESIDUAL_RULES = (None, "sign_sgd", "sgd", "scaled")
+
+
+EPS_STYLES = ("hf", "torch")
+
+
+def hf_eps(eps: float, step: int, beta2: float, eps_style: str) -> float:
+    """The eps this module's (HF) formula needs at ``step`` to give Adam with ``eps_style``.
+
+    ``"hf"`` adds eps to sqrt(v), before the bias correction: galore-torch's ``GaLoreAdamW`` and
+    HuggingFace ``transformers.AdamW``. ``"torch"`` adds it to the bias-corrected sqrt(v / (1 - b2^t)):
+    ``torch.optim.AdamW``, bitsandbytes (so galore-torch's ``GaLoreAdamW8bit``) and FRUGAL's AdamW.
+    The two agree once m and v are large against eps; they differ on small gradients and in the
+    first steps after a moment reset, where (1 - b2^t) is small. Since
+    m_hat / (sqrt(v_hat) + eps) = m / (sqrt(v) + eps * sqrt(1 - b2^t)) * sqrt(1 - b2^t) / (1 - b1^t),
+    the torch style is the HF formula with eps scaled by sqrt(1 - b2^t); every path (torch, offload,
+    kernels) then keeps one formula.
+    """
+    if eps_style == "hf":
+        return eps
+    if eps_style == "torch":
+        return eps * math.sqrt(1.0 - beta2**step)
+    raise ValueError(f"eps_style must be one of {EPS_STYLES}, got {eps_style!r}")
 
 
 def bias_correction(step: int, beta1: float, beta2: float) -> float:
@@ -131,6 +154,21 @@ def update_dtype(W: Tensor) -> torch.dtype:
     return torch.promote_types(W.dtype, torch.float32)
 
 
+@contextmanager
+def working_copy(W: Tensor) -> Iterator[Tensor]:
+    """W itself, or for a bf16/fp16 weight an ``update_dtype`` copy written back to W once at the end.
+
+    A step's decay, update and residual then round W to its dtype once, as the fused kernels do,
+    rather than once per term. If the body raises, W is left as it was.
+    """
+    if update_dtype(W) == W.dtype:
+        yield W
+        return
+    work = W.to(update_dtype(W))
+    yield work
+    W.copy_(work)
+
+
 def apply_update_(W: Tensor, update: Tensor, alpha: float) -> None:
     """``W += alpha * update`` with the arithmetic in ``update_dtype(W)``, W kept in its dtype."""
     if W.dtype == update.dtype:
@@ -171,16 +209,17 @@ def low_rank_adam_(
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     N = adam_direction_(R, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps)
-    decay_(W, lr=lr, weight_decay=weight_decay)
-    work = P.dtype
-    if W.dtype == work:
-        # addmm_ writes into W without a full-size temporary for the update.
-        if side == "left":
-            W.addmm_(P, N.to(work), alpha=-lr * scale)
+    with working_copy(W) as Wk:
+        decay_(Wk, lr=lr, weight_decay=weight_decay)
+        work = P.dtype
+        if Wk.dtype == work:
+            # addmm_ writes into W without a full-size temporary for the update.
+            if side == "left":
+                Wk.addmm_(P, N.to(work), alpha=-lr * scale)
+            else:
+                Wk.addmm_(N.to(work), P.t(), alpha=-lr * scale)
         else:
-            W.addmm_(N.to(work), P.t(), alpha=-lr * scale)
-    else:
-        apply_update_(W, back_project(N.to(work), P, side), -lr * scale)
+            apply_update_(Wk, back_project(N.to(work), P, side), -lr * scale)
     return N
 
 
@@ -213,12 +252,13 @@ def projected_adam_step_torch(
         raise ValueError(f"residual must be one of {RESIDUAL_RULES}, got {residual!r}")
     G_w = G if G.dtype == P.dtype else G.to(P.dtype)
     R = project(G_w, P, side)
-    N = low_rank_adam_(W, R, P, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                       weight_decay=weight_decay, scale=scale, side=side)
-    if residual is not None:
-        res = subspace_residual(G_w, P, side, R=R)
-        update = residual_update(res, residual, low_rank_grad=R, direction=N)
-        apply_update_(W, update, -lr * residual_lr_scale)
+    with working_copy(W) as Wk:
+        N = low_rank_adam_(Wk, R, P, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                           weight_decay=weight_decay, scale=scale, side=side)
+        if residual is not None:
+            res = subspace_residual(G_w, P, side, R=R)
+            update = residual_update(res, residual, low_rank_grad=R, direction=N)
+            apply_update_(Wk, update, -lr * residual_lr_scale)
 
 
 def coordinate_adam_step_torch(
@@ -250,7 +290,6 @@ def coordinate_adam_step_torch(
     if residual not in RESIDUAL_RULES:
         raise ValueError(f"residual must be one of {RESIDUAL_RULES}, got {residual!r}")
     flat = dim is None
-    W_v = W.view(-1) if flat else W
     d = 0 if flat else dim
     G_v = None if G is None else (G.reshape(-1) if flat else G)
     if R is None:
@@ -258,16 +297,23 @@ def coordinate_adam_step_torch(
     if R.dtype != exp_avg.dtype:
         R = R.to(exp_avg.dtype)
     N = adam_direction_(R, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps)
-    decay_(W, lr=lr, weight_decay=weight_decay)
-    if residual is not None:
-        res = G_v.to(N.dtype).index_fill(d, index.long(), 0.0)
-        update = residual_update(res, residual, low_rank_grad=R, direction=N)
-        apply_update_(W_v, update, -lr * residual_lr_scale)
-    if W.dtype == N.dtype:
-        W_v.index_add_(d, index, N, alpha=-lr * scale)
-    else:  # index_copy_ needs int64 indices; the projectors keep int32
+    if weight_decay == 0.0 and residual is None and W.dtype != N.dtype:
+        # Only the selected coordinates change: round just those, not a full-size copy of W.
+        W_v = W.view(-1) if flat else W
         rows = W_v.index_select(d, index).to(update_dtype(W)).add_(N, alpha=-lr * scale)
-        W_v.index_copy_(d, index.long(), rows.to(W.dtype))
+        W_v.index_copy_(d, index.long(), rows.to(W.dtype))  # index_copy_ needs int64; projectors keep int32
+        return
+    with working_copy(W) as Wk:
+        W_v = Wk.view(-1) if flat else Wk
+        decay_(Wk, lr=lr, weight_decay=weight_decay)
+        if residual is not None:
+            res = G_v.to(N.dtype).index_fill(d, index.long(), 0.0)
+            update = residual_update(res, residual, low_rank_grad=R, direction=N)
+            apply_update_(W_v, update, -lr * residual_lr_scale)
+        if W_v.dtype == N.dtype:
+            W_v.index_add_(d, index, N, alpha=-lr * scale)
+        else:
+            W_v.index_add_(d, index, N.to(W_v.dtype), alpha=-lr * scale)
 
 
 def residual_only_step_torch(
@@ -279,16 +325,12 @@ def residual_only_step_torch(
     et al., 2018), "sgd", or None (only decay). "scaled" has no subspace to borrow a scale from
     and acts as "sgd" here.
     """
-    decay_(W, lr=lr, weight_decay=weight_decay)
-    if rule is None:
-        return
-    if rule == "sign_sgd":
-        update = torch.sign(G)
-    elif rule in ("sgd", "scaled"):
-        update = G
-    else:
+    if rule not in RESIDUAL_RULES:
         raise ValueError(f"rule must be one of {RESIDUAL_RULES}, got {rule!r}")
-    apply_update_(W, update, -lr * residual_lr_scale)
+    with working_copy(W) as Wk:
+        decay_(Wk, lr=lr, weight_decay=weight_decay)
+        if rule is not None:
+            apply_update_(Wk, torch.sign(G) if rule == "sign_sgd" else G, -lr * residual_lr_scale)
 
 
 def _step_tensor(step: int, device: torch.device) -> Tensor:
@@ -345,8 +387,9 @@ def adam_step_foreach(
         for i in low:
             N = adam_direction_(grads[i], exp_avgs[i], exp_avg_sqs[i], step=step, beta1=beta1, beta2=beta2,
                                 eps=eps)
-            decay_(params[i], lr=lr, weight_decay=weight_decay)
-            apply_update_(params[i], N, -lr * scale)
+            with working_copy(params[i]) as W:
+                decay_(W, lr=lr, weight_decay=weight_decay)
+                apply_update_(W, N, -lr * scale)
         keep = [i for i in range(len(params)) if i not in set(low)]
         params, grads = [params[i] for i in keep], [grads[i] for i in keep]
         exp_avgs, exp_avg_sqs = [exp_avgs[i] for i in keep], [exp_avg_sqs[i] for i in keep]

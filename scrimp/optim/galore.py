@@ -43,6 +43,7 @@ class GaLoreAdamW(SubspaceAdamW):
         projector: str = "svd",
         stagger: bool = True,
         seed: int = 0,
+        eps_style: str = "hf",
         fused: bool | None = None,
         no_deprecation_warning: bool = True,
         _moments_8bit: bool = False,
@@ -50,7 +51,8 @@ class GaLoreAdamW(SubspaceAdamW):
         if correct_bias is not True:
             raise ValueError("correct_bias must be True: GaLoreAdamW always applies Adam's bias correction")
         super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused, moments_8bit=_moments_8bit,
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_style=eps_style, fused=fused,
+            moments_8bit=_moments_8bit,
             update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=projector,
             stagger=stagger, seed=seed,
         )
@@ -59,11 +61,14 @@ class GaLoreAdamW(SubspaceAdamW):
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW with 8-bit blockwise-quantized moments (bitsandbytes; works on CPU).
 
-    Follows galore-torch's ``GaLoreAdamW8bit`` idea (Adam8bit on the projected gradient) with
-    bitsandbytes' dynamic blockwise quantization (Dettmers et al., 2022) of both moments;
-    tensors under 4096 elements keep fp32 moments, as bitsandbytes does.
+    Follows galore-torch's ``GaLoreAdamW8bit`` (bitsandbytes' Adam8bit on the projected gradient)
+    with bitsandbytes' dynamic blockwise quantization (Dettmers et al., 2022) of both moments;
+    tensors under 4096 elements keep fp32 moments, as bitsandbytes does. Its defaults are that
+    class's: eps 1e-8, weight decay 0.01, and bitsandbytes' Adam, which adds eps to the
+    bias-corrected sqrt(v) (``eps_style="torch"``; ``GaLoreAdamW`` keeps galore-torch's HF formula).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, **kwargs):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, _moments_8bit=True, **kwargs)
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, eps_style: str = "torch", **kwargs):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_style=eps_style,
+                         _moments_8bit=True, **kwargs)

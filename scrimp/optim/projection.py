@@ -75,7 +75,7 @@ def mix_seed(*parts: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-def _generator(seed: int) -> torch.Generator:
+def seeded_generator(seed: int) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     return gen
@@ -173,13 +173,13 @@ def coordinate_index(kind: str, shape: tuple[int, int], rank: int, side: str, *,
     """Sorted int64 indices of the selected rows/columns (or flat entries for ``randk``)."""
     m, n = shape
     if kind == "randk":
-        return torch.randperm(m * n, generator=_generator(mix_seed(seed, refresh)))[:rank].sort().values.to(device)
+        return torch.randperm(m * n, generator=seeded_generator(mix_seed(seed, refresh)))[:rank].sort().values.to(device)
     if kind in ("rows", "columns"):
         dim = m if kind == "rows" else n
     else:
         dim = m if side == "left" else n
     if kind == "randperm":
-        idx = torch.randperm(dim, generator=_generator(mix_seed(seed, refresh)))[:rank].sort().values
+        idx = torch.randperm(dim, generator=seeded_generator(mix_seed(seed, refresh)))[:rank].sort().values
     else:  # rows / columns: a contiguous cyclic window that moves by `rank` at each refresh
         start = (refresh * rank) % dim
         idx = ((torch.arange(rank) + start) % dim).sort().values

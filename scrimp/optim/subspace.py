@@ -27,7 +27,16 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .projection import COORDINATE, DENSE, PROJ_TYPES, PROJECTORS, Projector, choose_side, mix_seed
+from .projection import (
+    COORDINATE,
+    DENSE,
+    PROJ_TYPES,
+    PROJECTORS,
+    Projector,
+    choose_side,
+    mix_seed,
+    seeded_generator,
+)
 
 RESIDUALS = (None, "sign_sgd", "sgd", "scaled")
 PROJECTION_DEFAULTS: dict[str, Any] = {
@@ -41,7 +50,9 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "stagger": True,
     "seed": 0,
     "power_iters": 2,
+    "block_order": "ascending",
 }
+BLOCK_ORDERS = ("ascending", "descending", "random")
 PROJECTION_KEYS = ("rank", "density", *PROJECTION_DEFAULTS)
 MIN_8BIT_NUMEL = 4096  # as bitsandbytes' min_8bit_size: tiny tensors keep fp32 moments
 BLOCKSIZE_8BIT = 256
@@ -72,9 +83,11 @@ def subspace_dim(kind: str, shape: tuple[int, int], side: str) -> int:
 def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None, density: float | None) -> tuple[str, int]:
     """Map (projector kind, rank or density) to the effective kind and subspace size of one weight.
 
-    Density ``d`` selects ``round(d * dim)`` directions (entries for ``randk``); a full selection
-    becomes ``full`` (plain Adam, so FRUGAL with density 1 is AdamW), an empty one ``none``.
-    An explicit ``rank`` is in directions; for ``randk`` it means ``rank * max(m, n)`` entries.
+    Density ``d`` selects ``round(d * dim)`` directions (entries for ``randk``), where ``dim`` is the
+    size of the projected side (m for left, n for right), as FRUGAL's GaLoreProjector counts; a
+    spectral basis holds at most min(m, n) vectors. A full selection becomes ``full`` (plain
+    Adam, so FRUGAL with density 1 is AdamW), an empty one ``none``. An explicit ``rank`` is in
+    directions; for ``randk`` it means ``rank * max(m, n)`` entries.
     """
     m, n = shape
     if kind in ("blocks", "full", "none"):
@@ -83,9 +96,9 @@ def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None,
         total = m * n
         size = round(density * total) if rank is None else rank * max(m, n)
     else:
-        dim = subspace_dim(kind, shape, side)
-        total = dim
-        size = round(density * dim) if rank is None else rank
+        total = subspace_dim(kind, shape, side)
+        side_dim = {"rows": m, "columns": n}.get(kind, m if side == "left" else n)
+        size = round(density * side_dim) if rank is None else rank
     if size >= total:
         return "full", 0
     if size <= 0:
@@ -97,7 +110,7 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_number(key: str, value: Any) -> None:
+def check_number(key: str, value: Any) -> None:
     if not (_is_real(value) and value >= 0):
         raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
 
@@ -105,21 +118,32 @@ def _check_number(key: str, value: Any) -> None:
 def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
     """Raise one clear ValueError for a bad hyper-parameter of ``group`` before any step runs."""
     for key in ("lr", "eps", "weight_decay"):
-        _check_number(key, group[key])
+        check_number(key, group[key])
+    if group["eps"] == 0:
+        raise ValueError("eps must be a finite number > 0 (Adam divides by sqrt(v) + eps, and v is 0 where a "
+                         "gradient entry is 0), got 0")
+    if group["eps_style"] not in F.EPS_STYLES:
+        raise ValueError(f"eps_style must be one of {F.EPS_STYLES}, got {group['eps_style']!r}")
     betas = group["betas"]
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
             or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    for p in group["params"]:
+        if not p.is_floating_point() or p.is_complex():
+            raise ValueError(f"params must be real floating point (fp32, bf16, fp16 or fp64), got a {p.dtype} "
+                             f"parameter of shape {tuple(p.shape)}")
     if not is_projected_group(group):
         return
     for key in ("scale", "residual_lr_scale"):
-        _check_number(key, group[key])
+        check_number(key, group[key])
     for key in ("stagger", "reset_statistics"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key} must be True or False, got {group[key]!r}")
     power_iters = group["power_iters"]
     if not isinstance(power_iters, int) or isinstance(power_iters, bool) or power_iters < 0:
         raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
+    if group["block_order"] not in BLOCK_ORDERS:
+        raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {group['block_order']!r}")
     kind, proj_type = group["projector"], group["proj_type"]
     if kind not in PROJECTORS:
         raise ValueError(f"projector must be one of {PROJECTORS}, got {kind!r}")
@@ -147,9 +171,11 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
                 "group with rank/density; put it in a group without projection keys"
             )
         if rank is not None and kind not in ("blocks", "full", "none"):
-            dim = subspace_dim(kind, tuple(p.shape), choose_side(tuple(p.shape), proj_type))
+            side = choose_side(tuple(p.shape), proj_type)
+            dim = subspace_dim(kind, tuple(p.shape), side)
             if rank >= dim:
-                what = "min(m, n)" if dim == min(p.shape) else f"the {dim} directions projector {kind!r} selects from"
+                unit = kind if kind in ("rows", "columns") else ("rows" if side == "left" else "columns")
+                what = "min(m, n)" if dim == min(p.shape) else f"the number of {unit} projector {kind!r} selects from"
                 raise ValueError(
                     f"rank must be below {what} = {dim} for a parameter of shape {tuple(p.shape)}, got {rank}"
                 )
@@ -239,6 +265,15 @@ def _kernels_available(p: Tensor) -> bool:
     return torch.cuda.get_device_capability(p.device) >= (8, 0)
 
 
+def _with_added_keys(group: dict) -> dict:
+    """A saved param group with the keys added since: state dicts from before ``eps_style`` used the
+    HF formula, and blocks rotated in ascending order before ``block_order``."""
+    group = {"eps_style": "hf", **group}
+    if is_projected_group(group):
+        group.setdefault("block_order", "ascending")
+    return group
+
+
 class SubspaceAdamW(torch.optim.Optimizer):
     """AdamW whose projected groups keep moments in a subspace of each 2-D gradient (see module doc).
 
@@ -249,6 +284,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
     layer-wise accumulated low-rank gradients, 8-bit moments and plain groups. ``moments_8bit`` stores the
     moments blockwise-quantized with bitsandbytes (Dettmers et al., 2022, "8-bit optimizers").
     ``allow_empty_subspace`` lets ``rank=0`` mean "no state at all" (FRUGAL's density -> 0 limit).
+    ``eps_style`` says where eps enters Adam's denominator (``functional.hf_eps``): "hf" adds it to
+    sqrt(v) as galore-torch's GaLoreAdamW does, "torch" to the bias-corrected sqrt(v_hat) as
+    torch.optim.AdamW, bitsandbytes and FRUGAL do.
     """
 
     def __init__(
@@ -259,6 +297,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         *,
+        eps_style: str = "hf",
         fused: bool | None = None,
         moments_8bit: bool = False,
         allow_empty_subspace: bool = False,
@@ -275,7 +314,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
         self.moments_8bit = moments_8bit
         self._projectors: dict[Tensor, Projector] = {}
         self._slots: dict[Tensor, tuple[int, int]] | None = None
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._random_blocks: dict[int, tuple[tuple[int, int], set[int]]] = {}
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      eps_style=eps_style))
 
     # -- groups ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -400,18 +441,21 @@ class SubspaceAdamW(torch.optim.Optimizer):
             F.adam_step_foreach(
                 dense, [p.grad for p in dense], [self.state[p]["exp_avg"] for p in dense],
                 [self.state[p]["exp_avg_sq"] for p in dense], step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
-                eps=group["eps"], weight_decay=group["weight_decay"],
+                eps=F.hf_eps(group["eps"], step, beta2, group["eps_style"]), weight_decay=group["weight_decay"],
             )
 
     def _full_adam(self, p: Tensor, group: dict, grad: Tensor, state: dict, *, scale: float) -> None:
         """Adam on the whole matrix (density 1, active blocks, 8-bit plain parameters)."""
         beta1, beta2 = group["betas"]
         m, v, write_back = _open_moments(state)
-        N = F.adam_direction_(grad, m, v, step=state["moment_step"], beta1=beta1, beta2=beta2, eps=group["eps"])
+        step = state["moment_step"]
+        N = F.adam_direction_(grad, m, v, step=step, beta1=beta1, beta2=beta2,
+                              eps=F.hf_eps(group["eps"], step, beta2, group["eps_style"]))
         if write_back:
             _close_moments(state, m, v)
-        F.decay_(p, lr=group["lr"], weight_decay=group["weight_decay"])
-        F.apply_update_(p, N, -group["lr"] * scale)
+        with F.working_copy(p) as W:
+            F.decay_(W, lr=group["lr"], weight_decay=group["weight_decay"])
+            F.apply_update_(W, N, -group["lr"] * scale)
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None = None) -> None:
@@ -435,7 +479,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
                                        residual_lr_scale=rscale)
             return
         if proj.kind in ("full", "blocks"):
-            active = proj.kind == "full" or self._block_active(p, group, t)
+            cycle = t // group["update_proj_gap"]
+            active = proj.kind == "full" or self._block_active(p, group, cycle)
             state["step"] = t + 1
             if not active:
                 _drop_moments(state)  # BAdam: an inactive block holds no state
@@ -443,6 +488,10 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 F.residual_only_step_torch(p, grad, lr=lr, weight_decay=group["weight_decay"], rule=rule,
                                            residual_lr_scale=rscale)
                 return
+            if proj.kind == "blocks" and state.get("block_cycle") != cycle:
+                # FRUGAL re-initializes every active block at a switch, also one that stays active.
+                _drop_moments(state)
+                state["block_cycle"] = cycle
             if not _has_moments(state):
                 _zeros_moments(state, tuple(p.shape), p.device, self.moments_8bit)
                 state["moment_step"] = 0
@@ -463,7 +512,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
         state["step"] = t + 1
         state["moment_step"] += 1
         beta1, beta2 = group["betas"]
-        hyper = dict(step=state["moment_step"], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+        step = state["moment_step"]
+        hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=F.hf_eps(group["eps"], step, beta2, group["eps_style"]),
                      weight_decay=group["weight_decay"], scale=group["scale"])
         m, v, write_back = _open_moments(state)
         if proj.dense:
@@ -499,15 +549,28 @@ class SubspaceAdamW(torch.optim.Optimizer):
             return _kernels_available(p)
         return True
 
-    def _block_active(self, p: Tensor, group: dict, step: int) -> bool:
-        """BAdam-style rotation: ``round(density * n)`` consecutive parameters of the group are active,
-        the window moves by that many parameters every ``update_proj_gap`` steps."""
+    def _block_active(self, p: Tensor, group: dict, cycle: int) -> bool:
+        """Whether ``p`` is among the ``round(density * n)`` active parameters of its group in ``cycle``.
+
+        The active set changes every ``update_proj_gap`` steps, in FRUGAL's ``block_order``s
+        (BlockOptimizer of the authors' code; BAdam, Luo et al., 2024): "ascending" moves a window
+        of consecutive parameters forward from the first, "descending" backward from the last,
+        "random" draws a seeded subset per cycle (the same on every device and after a resume).
+        """
         params = group["params"]
         n = len(params)
-        n_active = max(1, round(group["density"] * n))
+        k = max(1, round(group["density"] * n))
         index = next(i for i, q in enumerate(params) if q is p)
-        cycle = step // group["update_proj_gap"]
-        return (index - cycle * n_active) % n < n_active
+        order = group["block_order"]
+        if order == "ascending":
+            return (index - cycle * k) % n < k
+        if order == "descending":
+            return (n - 1 - cycle * k - index) % n < k
+        key = (id(params), cycle)
+        if self._random_blocks.get(id(params), (None,))[0] != key:
+            chosen = torch.randperm(n, generator=seeded_generator(mix_seed(group["seed"], cycle)))[:k]
+            self._random_blocks[id(params)] = (key, set(chosen.tolist()))
+        return index in self._random_blocks[id(params)][1]
 
     # -- state dicts -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -517,7 +580,11 @@ class SubspaceAdamW(torch.optim.Optimizer):
         which would round fp32 moments and projectors of low-precision weights.
         """
         saved_state = state_dict["state"]
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        saved_groups = [_with_added_keys(g) for g in state_dict["param_groups"]]
+        if len(saved_groups) == len(self.param_groups):  # else torch's own message below
+            for saved, current in zip(saved_groups, self.param_groups):  # before anything is replaced
+                validate_group({**saved, "params": current["params"]}, allow_empty_subspace=self._allow_empty)
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params):

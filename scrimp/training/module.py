@@ -87,8 +87,9 @@ class CausalLMModule(L.LightningModule):
         if "name" not in optim:
             raise ValueError("optim needs a 'name' (e.g. adamw, galore, frugal)")
         check_schedule(warmup_steps, total_steps, min_lr_ratio)
-        if grad_clip is not None and grad_clip < 0:
-            raise ValueError(f"module.grad_clip must be null or >= 0, got {grad_clip!r}")
+        if grad_clip is not None and (not isinstance(grad_clip, (int, float)) or isinstance(grad_clip, bool)
+                                      or not math.isfinite(grad_clip) or grad_clip < 0):
+            raise ValueError(f"module.grad_clip must be null or a finite number >= 0, got {grad_clip!r}")
         self.save_hyperparameters({"model": model, "optim": optim, "vocab_size": vocab_size, "seed": seed,
                                    "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
                                    "total_steps": total_steps, "grad_clip": grad_clip,
@@ -163,6 +164,20 @@ class CausalLMModule(L.LightningModule):
                 "or enable module.grad_clip)"
             )
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Refuse a step whose gradients hold inf/NaN although the loss was finite (an overflow in
+        backward): one fused norm per tensor and one host read. Layer-wise optimizers have stepped
+        inside backward already, and zeroth-order ones have no gradients; neither gets here with any."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().all()):
+            return
+        bad = next(name for name, p in self.named_parameters()
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+        raise FloatingPointError(
+            f"the gradient of {bad} holds inf or NaN although the loss is finite; stopping before the optimizer "
+            "step writes it into the weights (lower optim.lr, or train in a wider dtype)"
+        )
+
     def training_step(self, batch, batch_idx):
         input_ids = batch["input_ids"]
         self.batches_seen += 1
@@ -188,9 +203,15 @@ class CausalLMModule(L.LightningModule):
         def closure():
             # No finiteness check here: the ZO optimizer's contract is to skip a non-finite or
             # non-scalar loss itself (warn, count in ``skipped``, weights untouched); raising here
-            # would stop the run before it can.
-            with torch.no_grad():
-                loss = self(input_ids)
+            # would stop the run before it can. The probes run in eval mode, as MeZO's zo_forward
+            # does: dropout noise would swamp the difference f+ - f- that the step estimates.
+            was_training = self.training
+            self.eval()
+            try:
+                with torch.no_grad():
+                    loss = self(input_ids)
+            finally:
+                self.train(was_training)
             probes.append(loss.detach())
             return loss
 

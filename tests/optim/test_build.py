@@ -80,3 +80,16 @@ def test_zeroth_order_names_resolve_lazily(tiny):
     opt = build({"name": "zo_sgd", "lr": 1e-6}, tiny)
     assert isinstance(opt, zo.ZOSGD)
     assert opt.needs_manual_optimization and opt.is_zeroth_order
+
+
+def test_zeroth_order_weight_decay_spares_biases_and_layer_norms_as_mezo_does():
+    # MeZO's zo_update decays no parameter whose name holds "bias", "layer_norm" or "layernorm".
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 4), "input_layernorm": torch.nn.LayerNorm(4)})
+    opt = build({"name": "zo_sgd", "lr": 1e-3, "eps": 1e-3, "weight_decay": 0.1}, model)
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert decays[id(named["proj.weight"])] == 0.1
+    assert all(decays[id(named[n])] == 0.0 for n in ("proj.bias", "input_layernorm.weight", "input_layernorm.bias"))
+    # without weight decay the parameters stay one list in model order (the order keys each perturbation)
+    plain = build({"name": "zo_sgd", "lr": 1e-3, "eps": 1e-3}, model)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["params"] == list(model.parameters())

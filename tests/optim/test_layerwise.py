@@ -28,7 +28,10 @@ def loss_of(model, batch, k):
 
 FACTORIES = {
     "galore": (dict(rank=3), lambda groups: GaLoreAdamW(groups, lr=1e-2, update_proj_gap=2)),
-    "frugal-sign": (dict(density=0.5), lambda groups: FrugalAdamW(groups, lr=1e-2, update_gap=2, proj_type="svd")),
+    # eps 1e-6: FRUGAL's torch-style eps right after each moment reset (gap 2) is 1e-8 * sqrt(1 - b2),
+    # which turns rounding-level differences between the two accumulation orders into +-lr steps.
+    "frugal-sign": (dict(density=0.5), lambda groups: FrugalAdamW(groups, lr=1e-2, eps=1e-6, update_gap=2,
+                                                                  proj_type="svd")),
     "frugal-randk": (dict(density=0.25), lambda groups: FrugalAdamW(groups, lr=1e-2, update_gap=3,
                                                                      proj_type="randk", inactive_update_rule="no")),
     "torch-adamw": (dict(), lambda groups: torch.optim.AdamW([{"params": g["params"]} for g in groups], lr=1e-2)),

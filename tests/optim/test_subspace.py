@@ -187,7 +187,7 @@ BAD_INPUTS = [
     (lambda W, b: FrugalAdamW([{"params": [W], "density": 0.5, "update_proj_gap": 5}]),
      r"FrugalAdamW groups take FRUGAL's names: use \['update_gap'\] instead of \['update_proj_gap'\]"),
     (lambda W, b: FrugalAdamW([{"params": [W], "rank": 16}], proj_type="columns"),
-     "rank must be below the 12 directions projector 'columns' selects from = 12"),
+     "rank must be below the number of columns projector 'randperm' selects from = 12"),
 ]
 
 
@@ -331,3 +331,32 @@ def test_fp64_weights_follow_torch_adamw_in_fp64(projector):
     untouched = torch.ones(view(start).shape[0], dtype=torch.bool)
     untouched[index] = False
     assert torch.equal(view(W.detach())[untouched], view(start)[untouched])
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: SubspaceAdamW([torch.nn.Parameter(torch.randn(4, 3))], eps=0.0), "eps must be a finite number > 0"),
+    (lambda: SubspaceAdamW([torch.ones(4, 3, dtype=torch.int64)]), "params must be real floating point"),
+    (lambda: SubspaceAdamW([torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))]),
+     "params must be real floating point"),
+    (lambda: SubspaceAdamW([torch.nn.Parameter(torch.randn(4, 3))], eps_style="keras"), "eps_style must be one of"),
+])
+def test_settings_that_would_write_nan_or_garbage_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_load_state_dict_validates_the_groups_before_replacing_them():
+    W = torch.nn.Parameter(torch.randn(8, 6))
+    opt = SubspaceAdamW([{"params": [W], "rank": 2}], lr=1e-2)
+    W.grad = torch.randn(8, 6)
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got nan"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 1e-2  # the optimizer is as it was
+    old = opt.state_dict()  # a state dict from before eps_style and block_order existed
+    for key in ("eps_style", "block_order"):
+        old["param_groups"][0].pop(key)
+    opt.load_state_dict(old)
+    assert opt.param_groups[0]["eps_style"] == "hf" and opt.param_groups[0]["block_order"] == "ascending"

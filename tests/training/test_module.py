@@ -86,13 +86,57 @@ def test_non_finite_loss_stops_before_the_weights():
         module._check_finite(torch.tensor(float("nan")), "training")
 
 
+class _NaNGradient(CausalLMModule):
+    """A finite loss whose backward writes NaN into one gradient (an overflow in backward)."""
+
+    def on_fit_start(self):
+        self.model.lm_head.weight.register_hook(lambda g: g * float("nan"))
+
+
+def test_non_finite_gradient_with_finite_loss_stops_before_the_weights():
+    import lightning as L
+
+    module = _NaNGradient("llama_tiny", {"name": "adamw"}, vocab_size=64, grad_clip=None)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    blocks = [{"input_ids": b} for b in torch.randint(0, 64, (2, 2, 16))]
+    with pytest.raises(FloatingPointError, match="gradient of model.lm_head.weight holds inf or NaN"):
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(blocks, batch_size=None))
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+class _RecordsMode(CausalLMModule):
+    def forward(self, input_ids):
+        self.modes = getattr(self, "modes", []) + [self.training]
+        return super().forward(input_ids)
+
+
+def test_zeroth_order_probes_run_without_dropout_as_mezo_does():
+    import lightning as L
+
+    module = _RecordsMode("llama_tiny", {"name": "zo_sgd", "lr": 1e-3, "eps": 1e-3}, vocab_size=64, grad_clip=None,
+                          model_overrides={"attention_dropout": 0.5})
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    blocks = [{"input_ids": b} for b in torch.randint(0, 64, (1, 2, 16))]
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(blocks, batch_size=None))
+    assert module.modes == [False, False]  # MeZO's zo_forward: model.eval() for both probes
+    assert module.training  # and training mode is back afterwards
+
+
+def test_nan_grad_clip_is_refused_in_one_sentence():
+    with pytest.raises(ValueError, match="module.grad_clip must be null or a finite number >= 0, got nan"):
+        CausalLMModule("llama_tiny", {"name": "adamw"}, vocab_size=64, grad_clip=float("nan"))
+
+
 # -- zeroth-order path --------------------------------------------------------------------------------
 class _NaNOnThirdBatch(CausalLMModule):
     """The module with a forward that returns a NaN loss on the third training batch (both ZO probes)."""
 
     def forward(self, input_ids):
         loss = super().forward(input_ids)
-        return loss * float("nan") if self.training and self.batches_seen == 3 else loss
+        return loss * float("nan") if self.batches_seen == 3 else loss
 
 
 def test_zeroth_order_non_finite_loss_is_skipped_not_fatal(tmp_path):

@@ -63,12 +63,13 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         perturbation: str = "hook",
         query_allocator: Callable | None = None,
     ):
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
             raise ValueError(f"eps (the perturbation scale) must be a finite number > 0, got {eps!r}")
-        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        if (not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool)
+                or not math.isfinite(weight_decay) or weight_decay < 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
             raise ValueError(f"n_queries must be an integer >= 1, got {n_queries!r}")
         if perturbation not in PERTURBATIONS:
