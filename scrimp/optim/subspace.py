@@ -20,6 +20,7 @@ State per parameter (only tensors, ints, floats, strings): ``step``, ``moment_st
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -471,6 +472,10 @@ class SubspaceAdamW(torch.optim.Optimizer):
             self._full_adam(p, group, grad, state, scale=1.0)
             return
         proj = self.projector(p, group)
+        if (self.fused is True and proj.dense and not p.is_cuda
+                and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")):
+            raise ValueError(f"fused=True runs the Triton kernels, which need CUDA parameters (or TRITON_INTERPRET=1 set "
+                             f"before import), got a {p.device.type} parameter; use fused=None or fused=False")
         t = state.get("step", 0)
         lr, rule, rscale = group["lr"], group["residual"], group["residual_lr_scale"]
         if proj.kind == "none":

@@ -360,3 +360,13 @@ def test_load_state_dict_validates_the_groups_before_replacing_them():
         old["param_groups"][0].pop(key)
     opt.load_state_dict(old)
     assert opt.param_groups[0]["eps_style"] == "hf" and opt.param_groups[0]["block_order"] == "ascending"
+
+
+def test_fused_true_on_a_cpu_parameter_is_refused_before_any_state_changes(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    W = torch.nn.Parameter(torch.randn(8, 6))
+    opt = SubspaceAdamW([{"params": [W], "rank": 2}], fused=True)
+    W.grad = torch.randn(8, 6)
+    with pytest.raises(ValueError, match="fused=True runs the Triton kernels, which need CUDA parameters"):
+        opt.step()
+    assert opt.state[W] == {}

@@ -408,3 +408,22 @@ def test_step_after_only_skipped_micro_batches_skips_and_moves_on():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     with pytest.raises(ValueError, match="step\\(\\) needs a closure"):
         opt.step()
+
+
+def test_restore_checks_both_files_before_writing_anything(tmp_path):
+    torch.manual_seed(0)
+    saved_model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    save_full(tmp_path / "full.pt", saved_model.parameters(), ZOSGD(saved_model.parameters(), lr=1e-3, eps=1e-3))
+    other = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))  # the last layer differs
+    before = [p.detach().clone() for p in other.parameters()]
+    opt = ZOSGD(other.parameters(), lr=1e-3, eps=1e-3)
+    with pytest.raises(ValueError, match="checkpoint parameter 2 has shape"):
+        restore(other.parameters(), opt, tmp_path / "full.pt")
+    same = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    same_before = [p.detach().clone() for p in same.parameters()]
+    torch.save({"not": "a log"}, tmp_path / "log.pt")
+    with pytest.raises(ValueError, match="is not a scrimp zeroth-order log"):
+        restore(same.parameters(), ZOSGD(same.parameters(), lr=1e-3, eps=1e-3), tmp_path / "full.pt",
+                tmp_path / "log.pt")
+    for params, originals in ((other.parameters(), before), (same.parameters(), same_before)):
+        assert all(torch.equal(p, b) for p, b in zip(params, originals))

@@ -7,6 +7,7 @@ torch backends refuse exactly the same calls.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -79,16 +80,21 @@ def check_step_arguments(
     for name, tensor in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if tuple(tensor.shape) != expected_r:
             raise ValueError(f"{name} must have the low-rank shape {expected_r} for side={side!r}, got {tuple(tensor.shape)}")
+    if W.requires_grad and torch.is_grad_enabled():
+        raise ValueError("W requires grad: call projected_adam_step under torch.no_grad(), as optimizers step")
+    if exp_avg.data_ptr() == exp_avg_sq.data_ptr() or any(st == 0 and n > 1 for t in (W, exp_avg, exp_avg_sq)
+                                                                for st, n in zip(t.stride(), t.shape)):
+        raise ValueError("W, exp_avg and exp_avg_sq must be separate tensors without broadcast (stride-0) dimensions")
     devices = {t.device for t in (W, G, P, exp_avg, exp_avg_sq)}
     if len(devices) != 1:
         raise ValueError(f"W, G, P, exp_avg and exp_avg_sq must be on one device, got {sorted(map(str, devices))}")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1 (the step count after this update), got {step!r}")
     for name, value in (("beta1", beta1), ("beta2", beta2)):
-        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0.0 <= value < 1.0):
             raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0.0 and math.isfinite(eps)):
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and eps > 0.0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("scale", scale), ("residual_lr_scale", residual_lr_scale)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0.0):
             raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")

@@ -54,18 +54,26 @@ def save_log(path, optimizer) -> None:
 def restore(params: Iterable[torch.Tensor], optimizer, full_path, log_path=None) -> None:
     """Load a full save into ``params``/``optimizer`` and replay the log written after it, if any."""
     params = list(params)
+    # Both files are read and checked before anything is written, so a bad checkpoint leaves the
+    # model and the optimizer as they were.
     full = torch.load(full_path, weights_only=True)
+    if not isinstance(full, dict) or not {"params", "optimizer"} <= set(full):
+        raise ValueError(f"{full_path} is not a scrimp zeroth-order full save (save_full writes params and optimizer)")
+    log = torch.load(log_path, weights_only=True) if log_path is not None else None
+    if log is not None and (not isinstance(log, dict) or not {"records", "draws", "skipped"} <= set(log)):
+        raise ValueError(f"{log_path} is not a scrimp zeroth-order log (save_log writes records, draws and skipped)")
     if len(full["params"]) != len(params):
         raise ValueError(
             f"checkpoint {full_path} holds {len(full['params'])} parameters, the model has {len(params)}"
         )
+    for index, (param, saved) in enumerate(zip(params, full["params"])):
+        if param.shape != saved.shape:
+            raise ValueError(f"checkpoint parameter {index} has shape {tuple(saved.shape)}, the model's has "
+                             f"{tuple(param.shape)}")
     with torch.no_grad():
         for param, saved in zip(params, full["params"]):
-            if param.shape != saved.shape:
-                raise ValueError(f"checkpoint parameter shape {tuple(saved.shape)} != model {tuple(param.shape)}")
             param.copy_(saved)
     optimizer.load_state_dict(full["optimizer"])
-    if log_path is not None:
-        log = torch.load(log_path, weights_only=True)
+    if log is not None:
         optimizer.replay(log["records"])
         optimizer.draws, optimizer.skipped = int(log["draws"]), int(log["skipped"])

@@ -118,3 +118,15 @@ def test_an_interpreter_that_cannot_run_loops_is_refused_in_one_sentence(fused, 
         fused.check_interpreter_runs_loops()
     except RuntimeError as err:
         assert "interpreter cannot run the kernels' loops" in str(err)
+
+
+def test_a_step_that_cannot_be_written_is_refused_before_the_moments_change():
+    W = torch.randn(8, 6, requires_grad=True)
+    G, P = torch.randn(8, 6), torch.linalg.qr(torch.randn(8, 2))[0]
+    m, v = torch.randn(2, 6), torch.rand(2, 6)
+    m0 = m.clone()
+    with pytest.raises(ValueError, match="W requires grad: call projected_adam_step under torch.no_grad"):
+        kernels.projected_adam_step(W, G, P, m, v, side="left", backend="torch", **HYPER)
+    assert torch.equal(m, m0)
+    with torch.no_grad(), pytest.raises(ValueError, match="separate tensors"):
+        kernels.projected_adam_step(W, G, P, m, m, side="left", backend="torch", **HYPER)
