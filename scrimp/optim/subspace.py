@@ -19,6 +19,7 @@ State per parameter (only tensors, ints, floats, strings): ``step``, ``moment_st
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -54,6 +55,9 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "block_order": "ascending",
 }
 BLOCK_ORDERS = ("ascending", "descending", "random")
+GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay", "eps_style", *PROJECTION_DEFAULTS, "rank", "density")
+SPARSE_GRADIENTS = ("SubspaceAdamW does not support sparse gradients (nn.Embedding(sparse=True)); use dense "
+                    "gradients or torch.optim.SparseAdam for those parameters")
 PROJECTION_KEYS = ("rank", "density", *PROJECTION_DEFAULTS)
 MIN_8BIT_NUMEL = 4096  # as bitsandbytes' min_8bit_size: tiny tensors keep fp32 moments
 BLOCKSIZE_8BIT = 256
@@ -140,6 +144,8 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
     for key in ("stagger", "reset_statistics"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key} must be True or False, got {group[key]!r}")
+    if not isinstance(group["seed"], int) or isinstance(group["seed"], bool):
+        raise ValueError(f"seed must be an integer, got {group['seed']!r}")
     power_iters = group["power_iters"]
     if not isinstance(power_iters, int) or isinstance(power_iters, bool) or power_iters < 0:
         raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
@@ -325,6 +331,10 @@ class SubspaceAdamW(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             param_group = {"params": param_group}
         group = dict(param_group)
+        for key in group:
+            near = difflib.get_close_matches(key, GROUP_KEYS, n=1, cutoff=0.75)
+            if key not in GROUP_KEYS and near:  # other keys (a group "name" for logging, ...) pass through
+                raise ValueError(f"unknown param-group key {key!r}; did you mean {near[0]!r}?")
         if is_projected_group(group):
             for key, value in self._projection_defaults.items():
                 group.setdefault(key, value)
@@ -407,6 +417,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if any(p.grad is not None and p.grad.is_sparse for group in self.param_groups for p in group["params"]):
+            raise RuntimeError(SPARSE_GRADIENTS)  # before any group steps
         for group in self.param_groups:
             if is_projected_group(group):
                 for p in group["params"]:
@@ -422,8 +434,6 @@ class SubspaceAdamW(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("SubspaceAdamW does not support sparse gradients")
             state = self.state[p]
             if "step" not in state:
                 state["step"] = 0
@@ -461,6 +471,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None = None) -> None:
         """Step one parameter of ``group`` with its full ``grad`` or, between refreshes, a projected one."""
+        if grad is not None and grad.is_sparse:
+            raise RuntimeError(SPARSE_GRADIENTS)
         state = self.state[p]
         if not is_projected_group(group):
             if "step" not in state:

@@ -370,3 +370,19 @@ def test_fused_true_on_a_cpu_parameter_is_refused_before_any_state_changes(monke
     with pytest.raises(ValueError, match="fused=True runs the Triton kernels, which need CUDA parameters"):
         opt.step()
     assert opt.state[W] == {}
+
+
+def test_param_group_typos_and_sparse_gradients_are_refused_before_any_step():
+    W = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match="unknown param-group key 'rnak'; did you mean 'rank'"):
+        GaLoreAdamW([{"params": [W], "rnak": 2}])
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        GaLoreAdamW([{"params": [W], "rank": 2}], seed="abc")
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = SubspaceAdamW([{"params": [W], "rank": 2}, {"params": emb.parameters()}])
+    W.grad = torch.randn(8, 6)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = W.detach().clone()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert torch.equal(W, before) and opt.state[W] == {}  # the projected group did not step first

@@ -427,3 +427,17 @@ def test_restore_checks_both_files_before_writing_anything(tmp_path):
                 tmp_path / "log.pt")
     for params, originals in ((other.parameters(), before), (same.parameters(), same_before)):
         assert all(torch.equal(p, b) for p, b in zip(params, originals))
+
+
+def test_query_allocator_with_a_scalar_loss_closure_is_refused_and_the_weights_kept():
+    from scrimp.optim.zeroth_order import VarianceQueryAllocator
+
+    model = nn.Linear(4, 1)
+    x = torch.randn(16, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-3, query_allocator=VarianceQueryAllocator(2))
+    with pytest.raises(ValueError, match="closure must return per-example losses"):
+        opt.step(lambda indices=None: model(x).pow(2).mean())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="seed must be an integer, got 'abc'"):
+        ZOSGD(model.parameters(), lr=1e-3, eps=1e-3, seed="abc")

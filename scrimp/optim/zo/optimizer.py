@@ -70,6 +70,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         if (not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool)
                 or not math.isfinite(weight_decay) or weight_decay < 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
             raise ValueError(f"n_queries must be an integer >= 1, got {n_queries!r}")
         if perturbation not in PERTURBATIONS:
@@ -302,6 +304,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         if pair is None:
             return None, None, None
         plus, minus = pair
+        if plus.dim() != 1:
+            raise ValueError("with query_allocator the closure must return per-example losses (a 1-D tensor, one "
+                             f"loss per example), got a tensor of shape {tuple(plus.shape)}")
         pilot = ((plus - minus) / (2.0 * self.eps)).flatten()
         n = pilot.numel()
         counts = torch.as_tensor(self.query_allocator(pilot.square().numpy()), dtype=torch.int64).flatten()
