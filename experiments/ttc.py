@@ -15,17 +15,30 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from scrimp.ttc.allocate import POLICIES
-from scrimp.ttc.crossfit import crossfit_curve, replay_run, split_folds, uniform_exact, uniform_spend
-from scrimp.ttc.evaluate import bootstrap_ci, plot_curves, savings_at_equal_accuracy, write_curves_csv
+from scrimp.allocators.checks import check_choice, check_integer
+from scrimp.ttc.allocate import POLICIES, check_budget
+from scrimp.ttc.crossfit import (
+    candidate_params,
+    crossfit_curve,
+    replay_run,
+    split_folds,
+    uniform_exact,
+    uniform_spend,
+)
+from scrimp.ttc.evaluate import (
+    atomic_write,
+    bootstrap_ci,
+    plot_curves,
+    savings_at_equal_accuracy,
+    write_curves_csv,
+)
 from scrimp.ttc.replay import convert_esc, load_replay, replay_stats, shared_data_dir
 
 
@@ -43,13 +56,21 @@ def load_data(cfg: DictConfig):
 
 
 def _validate(cfg: DictConfig) -> None:
-    if cfg.policy.name not in POLICIES:
-        raise ValueError(f"policy.name must be one of {POLICIES}, got {cfg.policy.name!r}")
-    for key in ("budget", "baseline_budget"):
-        if not float(cfg[key]) > 0:
-            raise ValueError(f"{key} must be a positive number of samples per prompt, got {cfg[key]}")
-    if int(cfg.baseline_budget) != cfg.baseline_budget:
+    """Every setting, the policy's parameters and candidates included, before any data is read."""
+    check_choice("policy.name", cfg.policy.name, POLICIES)
+    check_budget(cfg.budget)
+    if int(check_budget(cfg.baseline_budget, "baseline_budget")) != cfg.baseline_budget:
         raise ValueError(f"baseline_budget must be an integer (uniform maj@k), got {cfg.baseline_budget}")
+    if not isinstance(cfg.curve_budgets, Sequence) or isinstance(cfg.curve_budgets, str):
+        raise ValueError(f"curve_budgets must be a list of samples per prompt, got {cfg.curve_budgets!r}")
+    for budget in cfg.curve_budgets:
+        check_budget(budget, "every curve_budgets entry")
+    check_integer("folds", cfg.folds, 2)
+    for key in ("repeats", "tune_repeats", "n_boot"):
+        check_integer(key, cfg[key], 1)
+    fixed = OmegaConf.to_container(cfg.policy.params, resolve=True) or {}
+    space = {} if cfg.tune_only else OmegaConf.to_container(cfg.policy.space, resolve=True)
+    candidate_params(cfg.policy.name, space, fixed)
 
 
 def _strict_json(obj):
@@ -66,11 +87,8 @@ def _strict_json(obj):
 
 
 def _atomic_json(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_strict_json(obj), f, indent=2, default=float, allow_nan=False)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
+    text = json.dumps(_strict_json(obj), indent=2, default=float, allow_nan=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:

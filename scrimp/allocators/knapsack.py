@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scrimp.allocators.checks import check_integer
+
 # Work (items x options x budget cells) and table bytes above which `auto` avoids the DP.
 DP_MAX_WORK = 3e8
 DP_MAX_TABLE_BYTES = 1 << 30
@@ -101,6 +103,10 @@ def _validate(costs, values, budget, min_choice, max_choice) -> _Problem:
         raise ValueError("costs must be non-negative integers; got a non-integer cost")
     if np.any(flat_c < 0):
         raise ValueError(f"costs must be non-negative integers; got {flat_c.min()}")
+    # Costs are summed in int64: the items' largest costs (exactly, in Python ints) must stay below 2**63.
+    if sum(int(c) for c in np.maximum.reduceat(flat_c, np.cumsum(widths) - widths).tolist()) >= 2**63:
+        raise ValueError("costs must add up to less than 2**63 over the items' largest options (the solver sums "
+                         "them in int64); scale them down")
     flat_v = flat_v.astype(np.float64, copy=False)
     if not np.isfinite(flat_v).all():
         if np.isnan(flat_v).any():
@@ -132,9 +138,18 @@ def _validate(costs, values, budget, min_choice, max_choice) -> _Problem:
     return _Problem(C, V, valid, budget, min_cost)
 
 
+def _choice_index(name: str, value, default: np.ndarray, n: int) -> np.ndarray:
+    if value is None:
+        return default
+    arr = np.asarray(value)
+    if arr.ndim and arr.shape != (n,):
+        raise ValueError(f"{name} must be one option index or one per item, {n} in all; got shape {arr.shape}")
+    return np.broadcast_to(arr, (n,))
+
+
 def _choice_mask(min_choice, max_choice, widths, n, m) -> np.ndarray:
-    lo = np.zeros(n, dtype=np.int64) if min_choice is None else np.broadcast_to(np.asarray(min_choice), (n,))
-    hi = widths - 1 if max_choice is None else np.broadcast_to(np.asarray(max_choice), (n,))
+    lo = _choice_index("min_choice", min_choice, np.zeros(n, dtype=np.int64), n)
+    hi = _choice_index("max_choice", max_choice, widths - 1, n)
     if lo.dtype.kind not in "iu" or hi.dtype.kind not in "iu":
         raise TypeError("min_choice and max_choice must be integer option indices (scalar or one per item)")
     if np.any(lo < 0) or np.any(hi >= widths) or np.any(lo > hi):
@@ -462,11 +477,11 @@ def allocate_counts(utility, params, budget, k_min: int = 1, k_max: int | None =
 
     utility(k, params) is called with k an int array of shape (1, K) and must return (n_items, K);
     params is passed through unchanged. k_max defaults to the most one item can get:
-    budget - (n_items - 1) * k_min. The result's ``counts`` is the samples per item.
+    budget - (n_items - 1) * k_min, as long as the utility table stays below ``DP_MAX_TABLE_BYTES``
+    (else pass k_max). The result's ``counts`` is the samples per item.
     """
-    for name, val in (("k_min", k_min), ("budget", budget)):
-        if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < 0:
-            raise ValueError(f"{name} must be a non-negative integer; got {val!r}")
+    k_min, budget = check_integer("k_min", k_min, 0), check_integer("budget", budget, 0)
+    check_integer("k_max", k_max, k_min, minimum_name="k_min", optional=True)
     # Probe at k = 1 where allowed (a utility may be undefined at 0), but never beyond k_max.
     probe_k = max(k_min, 1) if k_max is None or k_max >= 1 else k_min
     probe = np.asarray(utility(np.array([[probe_k]]), params))
@@ -476,15 +491,18 @@ def allocate_counts(utility, params, budget, k_min: int = 1, k_max: int | None =
             "K=1 (give per-item parameters shape (n_items, 1), e.g. p[:, None])"
         )
     n = probe.shape[0]
-    if k_max is None:
-        k_max = budget - (n - 1) * k_min
-    if isinstance(k_max, bool) or not isinstance(k_max, int | np.integer) or k_max < k_min:
-        raise ValueError(f"k_max must be an integer >= k_min={k_min}; got {k_max!r}")
     if n * k_min > budget:
         raise ValueError(
             f"budget {budget} is below the sum of the items' minimum costs ({n * k_min} = {n} items x k_min) "
             f"by {n * k_min - budget}"
         )
+    if k_max is None:
+        k_max = budget - (n - 1) * k_min
+        table_bytes = 8.0 * n * (k_max - k_min + 1)
+        if table_bytes > DP_MAX_TABLE_BYTES:
+            raise ValueError(f"k_max was not given and defaults to budget - (n_items - 1) * k_min = {k_max}, a "
+                             f"utility table of {table_bytes / 2**30:.1f} GiB; pass k_max, the most samples one "
+                             "item may get")
     ks = np.arange(k_min, int(k_max) + 1)[None, :]
     vals = np.asarray(utility(ks, params), dtype=np.float64)
     if vals.shape != (n, ks.shape[1]):

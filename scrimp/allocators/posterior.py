@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from scrimp.allocators.checks import check_integer
 from scrimp.allocators.utility import (
     MAJORITY_EXACT_MAX_K,
     _counts,
     _lgamma,
+    answer_index,
     majority_poissonized,
     majority_table,
     tabulated_in_k,
@@ -26,7 +28,10 @@ from scrimp.allocators.utility import (
 
 
 def _non_negative(x, name: str) -> np.ndarray:
-    arr = np.asarray(x, dtype=np.float64)
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be finite non-negative counts; got {x!r}") from None
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
         raise ValueError(f"{name} must be finite non-negative counts; got a value outside that")
     return arr
@@ -40,6 +45,7 @@ def jacobi_rule(alpha: np.ndarray, beta: np.ndarray, n_nodes: int) -> tuple[np.n
     (coverage and nonzero_gradient are polynomials in p of degree k and k+3), and free of the endpoint
     singularity that ruins Gauss-Legendre for Jeffreys-like densities. Returns (..., n_nodes) arrays.
     """
+    check_integer("n_nodes", n_nodes, 1)
     a = np.asarray(beta, dtype=np.float64)[..., None] - 1.0  # (1-x) exponent
     b = np.asarray(alpha, dtype=np.float64)[..., None] - 1.0  # (1+x) exponent
     n = np.arange(n_nodes, dtype=np.float64)
@@ -52,7 +58,8 @@ def jacobi_rule(alpha: np.ndarray, beta: np.ndarray, n_nodes: int) -> tuple[np.n
     with np.errstate(divide="ignore", invalid="ignore"):
         off2 = 4.0 * m * (m + a) * (m + b) * (m + a + b) / (sm * sm * (sm + 1.0) * (sm - 1.0))
     # m = 1 in closed form: the generic expression is 0/0 when a + b = -1 (the Jeffreys prior).
-    off2[..., 0] = (4.0 * (1.0 + a) * (1.0 + b) / ((2.0 + a + b) ** 2 * (3.0 + a + b)))[..., 0]
+    if n_nodes > 1:
+        off2[..., 0] = (4.0 * (1.0 + a) * (1.0 + b) / ((2.0 + a + b) ** 2 * (3.0 + a + b)))[..., 0]
     shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     jac = np.zeros(shape + (n_nodes, n_nodes))
     idx = np.arange(n_nodes)
@@ -74,7 +81,10 @@ class BetaPosterior:
 
     def __init__(self, successes, failures, prior=(0.5, 0.5)):
         s, f = _non_negative(successes, "successes"), _non_negative(failures, "failures")
-        a0, b0 = (np.asarray(x, dtype=np.float64) for x in prior)
+        try:
+            a0, b0 = (np.asarray(x, dtype=np.float64) for x in prior)
+        except (TypeError, ValueError):
+            raise ValueError(f"prior must be a pair (a0, b0) of positive finite pseudo-counts; got {prior!r}") from None
         if not (np.all(a0 > 0) and np.all(b0 > 0) and np.all(np.isfinite(a0)) and np.all(np.isfinite(b0))):
             raise ValueError(f"prior must be positive finite pseudo-counts (a0, b0); got {prior!r}")
         self.alpha, self.beta = np.broadcast_arrays(s + a0, f + b0)
@@ -128,7 +138,10 @@ class DirichletPosterior:
         c = _non_negative(counts, "counts")
         if c.ndim < 1 or c.shape[-1] < 1:
             raise ValueError("counts must have a last axis over the distinct answers")
-        p0 = np.asarray(prior, dtype=np.float64)
+        try:
+            p0 = np.asarray(prior, dtype=np.float64)
+        except (TypeError, ValueError):
+            p0 = np.array(np.nan)
         if not (np.all(p0 > 0) and np.all(np.isfinite(p0))):
             raise ValueError(f"prior must be positive finite pseudo-counts; got {prior!r}")
         self.alpha = c + p0
@@ -148,10 +161,8 @@ class DirichletPosterior:
         Above exact_max_k: the Poissonized majority averaged over ``n_draws`` seeded Dirichlet draws
         (Monte Carlo; standard error about 0.5 / sqrt(n_draws)).
         """
-        n_cat = self.alpha.shape[-1]
-        if not -n_cat <= correct_index < n_cat:
-            raise ValueError(f"correct_index must index the {n_cat} answers; got {correct_index}")
-        correct_index %= n_cat
+        correct_index = answer_index(correct_index, self.alpha.shape[-1])
+        check_integer("n_draws", n_draws, 1)
 
         def monte_carlo(kk: np.ndarray, alpha: np.ndarray) -> np.ndarray:
             rng = np.random.default_rng(seed)

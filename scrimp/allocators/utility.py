@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from scrimp.allocators.checks import check_integer, is_integer
+
 # Default largest k computed exactly by `majority`; above it, the Poissonized approximation.
 MAJORITY_EXACT_MAX_K = 64
 
@@ -69,8 +71,8 @@ def variance_reduction(k, sigma2) -> np.ndarray:
     """
     k = _counts(k, low=1)
     s = np.asarray(sigma2, dtype=np.float64)
-    if np.isnan(s).any() or np.any(s < 0):
-        raise ValueError("sigma2 must be non-negative variances (no NaN)")
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError("sigma2 must be finite non-negative variances (no NaN or infinity)")
     return s - s / k
 
 
@@ -182,10 +184,7 @@ def majority(k, probs, correct_index: int = 0, exact_max_k: int = MAJORITY_EXACT
     probs = _probability(probs, "probs")
     if probs.ndim < 1 or probs.shape[-1] < 1:
         raise ValueError("probs must have a last axis over the distinct answers")
-    n_cat = probs.shape[-1]
-    if not -n_cat <= correct_index < n_cat:
-        raise ValueError(f"correct_index must index the {n_cat} answers; got {correct_index}")
-    correct_index %= n_cat
+    correct_index = answer_index(correct_index, probs.shape[-1])
     if not np.allclose(probs.sum(axis=-1), 1.0, atol=1e-6):
         raise ValueError("probs must sum to 1 over the last axis (put the mass of unlisted answers in its own entry)")
     return tabulated_in_k(
@@ -193,6 +192,14 @@ def majority(k, probs, correct_index: int = 0, exact_max_k: int = MAJORITY_EXACT
         exact=lambda rows, k_top: _multinomial_majority_table(rows, correct_index, k_top),
         approximate=lambda kk, rows: majority_poissonized(kk.astype(np.float64), rows, correct_index),
     )
+
+
+def answer_index(correct_index, n_cat: int) -> int:
+    """``correct_index`` as an index in 0..n_cat-1 (negative ones count from the end), or one sentence."""
+    if not is_integer(correct_index) or not -n_cat <= correct_index < n_cat:
+        raise ValueError(f"correct_index must be an integer index of the {n_cat} answers (-{n_cat}..{n_cat - 1}); "
+                         f"got {correct_index!r}")
+    return int(correct_index) % n_cat
 
 
 def tabulated_in_k(k, params: np.ndarray, exact_max_k: int, exact, approximate) -> np.ndarray:
@@ -203,6 +210,7 @@ def tabulated_in_k(k, params: np.ndarray, exact_max_k: int, exact, approximate) 
     Shared by the majority utility and its Dirichlet expectation, which differ only in the table and
     the large-k approximation.
     """
+    check_integer("exact_max_k", exact_max_k, 0)
     k = _counts(k)
     n_cat = params.shape[-1]
     shape = np.broadcast_shapes(k.shape, params.shape[:-1])

@@ -16,24 +16,29 @@ Policies (all spend at most ``floor(B * prompts)`` samples, counting pilots):
   disjoint evaluation split.
 
 Everything is driven through the ``Generator`` protocol (``sample(ids, counts)``); a generator with
-``remaining(id)`` (the replay backend) also caps each prompt at what was recorded.
+``remaining(id)`` (the replay backend) also caps each prompt at what was recorded. Run a policy with
+``run_policy``: it checks the policy's parameters (``check_params``) and the budget before anything is
+sampled.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from scrimp.allocators.checks import check_choice, check_integer, check_number, is_real
 from scrimp.ttc.evaluate import maj_at_k, plurality
 from scrimp.ttc.generate import Generator, ReplayPrompt, Sample
 from scrimp.ttc.stopping import RULES, answer_counts, beta_confidence, cap_majority_probability, should_stop
 
 POLICIES = ("uniform", "oracle", "knapsack", "sequential", "compute_optimal")
 UTILITIES = ("majority", "coverage")
+PRIORITIES = ("gain", "confidence")
 # The cap-majority rule sums the vote at the cap exactly, O(answers x cap^3) per count signature.
 MAX_DIRICHLET_HORIZON = 1024
 
@@ -49,11 +54,23 @@ class PolicyOutcome:
     info: dict = field(default_factory=dict)
 
 
+class BudgetBelowPilot(ValueError):
+    """The budget cannot pay for a policy's pilot samples. Cross-fitting skips such a candidate at
+    that budget; every other ValueError is bad input."""
+
+
+def check_budget(value, name: str = "budget") -> float:
+    """A mean budget per prompt as a float: a finite number >= 1 (a prompt without a sample has no answer)."""
+    if not is_real(value) or not 1 <= value < math.inf:
+        raise ValueError(f"{name} must be a positive number of samples per prompt (at least 1, so that every "
+                         f"prompt gets a sample), got {value!r}")
+    return float(value)
+
+
 def total_budget(budget_per_prompt: float, n_prompts: int) -> int:
-    """The total sample budget ``floor(B * prompts)`` (B = mean samples per prompt)."""
-    if not isinstance(budget_per_prompt, int | float) or not budget_per_prompt > 0 or math.isinf(budget_per_prompt):
-        raise ValueError(f"budget must be a positive number of samples per prompt, got {budget_per_prompt!r}")
-    return int(math.floor(budget_per_prompt * n_prompts + 1e-9))
+    """The total sample budget ``floor(B * prompts)`` (B = mean samples per prompt, at least 1)."""
+    budget = check_budget(budget_per_prompt)
+    return int(math.floor(budget * check_integer("n_prompts", n_prompts, 1) + 1e-9))
 
 
 def _capacity(generator: Generator, ids: Sequence[str], k_max: int | None) -> np.ndarray:
@@ -65,10 +82,8 @@ def _capacity(generator: Generator, ids: Sequence[str], k_max: int | None) -> np
 
 
 def _check_pilot(pilot: int, ids: Sequence[str], budget: int) -> None:
-    if not isinstance(pilot, int) or pilot < 1:
-        raise ValueError(f"pilot must be a positive integer number of samples per prompt, got {pilot!r}")
     if pilot * len(ids) > budget:
-        raise ValueError(
+        raise BudgetBelowPilot(
             f"budget {budget / len(ids):.3g} samples per prompt is below the pilot cost of {pilot} per prompt"
         )
 
@@ -137,8 +152,7 @@ def expected_mode_majority(counts: np.ndarray, ks: np.ndarray, *, prior: float =
     """
     from scrimp.allocators.utility import majority
 
-    if prior <= 0:
-        raise ValueError(f"prior must be > 0, got {prior}")
+    check_number("prior", prior, low=0, open_low=True)
     ks = np.asarray(ks, dtype=np.int64)
     unique, inverse = np.unique(np.asarray(counts, float), axis=0, return_inverse=True)
     rows = []
@@ -227,6 +241,10 @@ def oracle(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.ran
     from scrimp.allocators import allocate_counts
 
     by_id = {p.id: p for p in prompts}
+    missing = [pid for pid in ids if pid not in by_id]
+    if missing:
+        raise ValueError(f"prompts must hold every prompt of ids (the oracle reads their recorded samples), "
+                         f"but {len(missing)} are missing, e.g. {missing[0]!r}")
     cap = _capacity(generator, ids, k_max)
     kmax = int(cap.max())
     table = np.zeros((len(ids), kmax + 1))
@@ -292,12 +310,6 @@ def sequential(generator: Generator, ids: Sequence[str], budget: int, *, rng: np
     under ``priority="confidence"``).
     """
     _check_pilot(pilot, ids, budget)
-    if priority not in ("gain", "confidence"):
-        raise ValueError(f"priority must be 'gain' or 'confidence', got {priority!r}")
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     cap = _capacity(generator, ids, k_max)
     if rule == "dirichlet" and int(cap.max()) > MAX_DIRICHLET_HORIZON:
         raise ValueError(f"rule='dirichlet' needs a finite cap per prompt (k_max <= {MAX_DIRICHLET_HORIZON}), "
@@ -374,8 +386,7 @@ def fit_compute_optimal(calibration: Sequence[ReplayPrompt], *, pilot: int = 3, 
 
     if not calibration:
         raise ValueError("calibration must hold at least one prompt")
-    if pilot < 1 or k_max < pilot:
-        raise ValueError(f"need 1 <= pilot <= k_max, got pilot={pilot}, k_max={k_max}")
+    check_fit_params(dict(pilot=pilot, k_max=k_max, repeats=repeats, min_bin=min_bin))
     sums = np.zeros((pilot + 1, k_max + 1))
     seen = np.zeros(pilot + 1)
     rng = np.random.default_rng(seed)
@@ -440,16 +451,80 @@ POLICY_FUNCTIONS: dict[str, Callable[..., PolicyOutcome]] = {
 }
 
 
+def _check_plan(plan) -> None:
+    if not isinstance(plan, ComputeOptimalPlan):
+        raise ValueError(f"plan must be a ComputeOptimalPlan (from fit_compute_optimal), got {type(plan).__name__}")
+
+
+def _check_prompts(prompts) -> None:
+    listed = isinstance(prompts, Sequence) and not isinstance(prompts, str)
+    if not listed or not all(isinstance(p, ReplayPrompt) for p in prompts):
+        raise ValueError(f"prompts must be a sequence of ReplayPrompt (recorded prompts with references), "
+                         f"got {type(prompts).__name__}")
+
+
+# One check per parameter name, shared by every policy that takes it (k_max is checked against pilot).
+_PARAM_CHECKS: dict[str, Callable] = {
+    "utility": lambda v: check_choice("utility", v, UTILITIES),
+    "pilot": lambda v: check_integer("pilot", v, 1),
+    "prior": lambda v: check_number("prior", v, low=0, open_low=True),
+    "threshold": lambda v: check_number("threshold", v, low=0, high=1, open_low=True, open_high=True),
+    "window": lambda v: check_integer("window", v, 1),
+    "rule": lambda v: check_choice("rule", v, RULES),
+    "priority": lambda v: check_choice("priority", v, PRIORITIES),
+    "repeats": lambda v: check_integer("repeats", v, 1),
+    "min_bin": lambda v: check_integer("min_bin", v, 0),
+    "plan": _check_plan,
+    "prompts": _check_prompts,
+}
+
+
+def _keywords(fn: Callable) -> dict[str, object]:
+    """The keyword-only parameters of ``fn`` (but ``rng``) with their defaults (``inspect.Parameter.empty``
+    for a required one)."""
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and k != "rng"}
+
+
+def _check_values(params: Mapping, takes: Mapping, what: str, *, k_max_optional: bool = True) -> None:
+    """Refuse a name outside ``takes`` or a bad value, each in one sentence; unset names at their defaults."""
+    for key in params:
+        if key not in takes:
+            raise ValueError(f"{what} takes no parameter {key!r}; it takes {', '.join(takes)}")
+    values = {**{k: d for k, d in takes.items() if d is not inspect.Parameter.empty}, **params}
+    for key, value in values.items():
+        if key in _PARAM_CHECKS:
+            _PARAM_CHECKS[key](value)
+    if "k_max" in values:
+        pilot = values.get("pilot")
+        check_integer("k_max", values["k_max"], 1 if pilot is None else pilot,
+                      minimum_name=None if pilot is None else "pilot", optional=k_max_optional)
+
+
+def check_params(name: str, params: Mapping, *, complete: bool = True) -> None:
+    """Refuse, in one sentence and before anything is sampled, a parameter that policy ``name`` does not
+    take or a value it does not allow; with ``complete``, also a required one that is missing
+    (cross-fitting supplies ``plan`` and ``prompts`` itself). The budget is ``run_policy``'s to check."""
+    check_choice("policy", name, POLICIES)
+    takes = _keywords(POLICY_FUNCTIONS[name])
+    _check_values(params, takes, f"policy {name}")
+    missing = [k for k, default in takes.items() if default is inspect.Parameter.empty and k not in params]
+    if complete and missing:
+        raise ValueError(f"policy {name} needs the parameter {missing[0]!r}")
+
+
+def check_fit_params(params: Mapping) -> None:
+    """Refuse bad ``fit_compute_optimal`` parameters in one sentence (the ones not given at their defaults)."""
+    _check_values(params, _keywords(fit_compute_optimal), "fit_compute_optimal", k_max_optional=False)
+
+
 def run_policy(name: str, generator: Generator, ids: Sequence[str], budget_per_prompt: float, *,
                seed: int = 0, **params) -> PolicyOutcome:
     """Run the policy ``name`` (one of ``POLICIES``) on prompts ``ids`` with mean budget
-    ``budget_per_prompt``; the seed drives tie-breaking and any random choice of the policy."""
-    if name not in POLICY_FUNCTIONS:
-        raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
+    ``budget_per_prompt`` (at least 1); the seed drives tie-breaking and any random choice of the
+    policy. Parameters and budget are checked before anything is sampled."""
+    check_params(name, params)
     if not ids:
         raise ValueError("ids must name at least one prompt")
-    utility = params.get("utility", "majority")
-    if utility not in UTILITIES:
-        raise ValueError(f"utility must be one of {UTILITIES}, got {utility!r}")
     budget = total_budget(budget_per_prompt, len(ids))
     return POLICY_FUNCTIONS[name](generator, list(ids), budget, rng=np.random.default_rng(seed), **params)

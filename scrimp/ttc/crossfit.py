@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scrimp.ttc.allocate import POLICIES, correct_answers, fit_compute_optimal, run_policy
+from scrimp.allocators.checks import check_choice, check_integer, is_integer
+from scrimp.ttc.allocate import (
+    POLICIES,
+    BudgetBelowPilot,
+    check_budget,
+    check_fit_params,
+    check_params,
+    correct_answers,
+    fit_compute_optimal,
+    run_policy,
+)
 from scrimp.ttc.evaluate import maj_at_k
 from scrimp.ttc.generate import ReplayGenerator, ReplayPrompt
 
@@ -34,7 +44,7 @@ class Curve:
 
 def split_folds(n: int, folds: int, seed: int) -> list[np.ndarray]:
     """Disjoint, seeded, near-equal folds of prompt indices."""
-    if not isinstance(folds, int) or folds < 2 or folds > n:
+    if not is_integer(folds) or folds < 2 or folds > n:
         raise ValueError(f"folds must be an integer in [2, {n}] (prompts), got {folds!r}")
     perm = np.random.default_rng(seed).permutation(n)
     return [np.sort(perm[i::folds]) for i in range(folds)]
@@ -44,8 +54,14 @@ def grid(space: Mapping[str, Sequence] | Sequence[Mapping[str, Sequence]]) -> li
     """Candidate parameter sets: all combinations of {name: [values]} (one empty dict for an empty
     space); a list of such spaces gives the union of their combinations (e.g. one space per rule)."""
     if not isinstance(space, Mapping):
+        if isinstance(space, str) or not isinstance(space, Sequence):
+            raise ValueError(f"space must map parameter names to lists of values (or be a list of such maps), "
+                             f"got {space!r}")
         return [c for sub in space for c in grid(sub)]
     keys = list(space)
+    for key in keys:
+        if isinstance(space[key], str) or not isinstance(space[key], Sequence) or not space[key]:
+            raise ValueError(f"space[{key!r}] must be a non-empty list of candidate values, got {space[key]!r}")
     return [dict(zip(keys, vals)) for vals in itertools.product(*(space[k] for k in keys))]
 
 
@@ -64,6 +80,7 @@ def uniform_spend(prompts: Sequence[ReplayPrompt], k: int) -> np.ndarray:
 def replay_run(prompts: Sequence[ReplayPrompt], policy: str, budget: float, params: dict, *,
                repeats: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean per-prompt correctness and spend of ``policy`` over ``repeats`` seeded replay orders."""
+    check_integer("repeats", repeats, 1)
     refs = [correct_answers(p) for p in prompts]
     ids = [p.id for p in prompts]
     correct = np.zeros(len(prompts))
@@ -86,14 +103,18 @@ def crossfit_curve(prompts: Sequence[ReplayPrompt], policy: str, budgets: Sequen
     ``space``: parameters to choose (the calibration objective is mean accuracy at that budget; ties
     within 1e-9 go to the lower spend). ``compute_optimal`` fits its plan (parameters in ``fixed`` and
     ``space``, e.g. pilot) on the calibration folds. ``oracle`` needs no tuning and uses references:
-    report it as a ceiling only.
+    report it as a ceiling only. Every budget and every candidate is checked before anything runs;
+    a candidate whose pilot costs more than a budget is skipped at that budget.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    candidates = candidate_params(policy, space, fixed)
     prompts = list(prompts)
     parts = split_folds(len(prompts), folds, seed)
-    candidates = grid(space or {})
-    fixed = dict(fixed or {})
+    if isinstance(budgets, str) or not isinstance(budgets, Sequence) or not budgets:
+        raise ValueError(f"budgets must be a non-empty list of samples per prompt, got {budgets!r}")
+    for budget in budgets:
+        check_budget(budget)
+    check_integer("repeats", repeats, 1)
+    check_integer("tune_repeats", tune_repeats, 1)
     correct = np.zeros((len(prompts), len(budgets)))
     spent = np.zeros((len(prompts), len(budgets)))
     chosen = []
@@ -103,11 +124,10 @@ def crossfit_curve(prompts: Sequence[ReplayPrompt], policy: str, budgets: Sequen
         for b, budget in enumerate(budgets):
             best, best_key = None, None
             for params in candidates:
-                params = {**fixed, **params}
                 try:
                     run_params = _materialize(policy, params, calib, seed + 101 * f)
                     acc, sp = replay_run(calib, policy, budget, run_params, repeats=tune_repeats, seed=seed + 1000)
-                except ValueError:  # e.g. budget below this candidate's pilot cost: not a candidate here
+                except BudgetBelowPilot:  # this candidate's pilot costs more than the budget: not one here
                     continue
                 key = (acc.mean(), -sp.mean())
                 if best_key is None or key[0] > best_key[0] + 1e-9 or (abs(key[0] - best_key[0]) <= 1e-9 and key[1] > best_key[1]):
@@ -124,16 +144,30 @@ def crossfit_curve(prompts: Sequence[ReplayPrompt], policy: str, budgets: Sequen
 
 
 _PLANS: dict = {}
+FIT_KEYS = frozenset({"pilot", "k_max", "repeats", "min_bin"})  # compute_optimal: fit_compute_optimal's
+
+
+def candidate_params(policy: str, space: Mapping | Sequence[Mapping] | None, fixed: Mapping | None) -> list[dict]:
+    """The candidate parameter sets of ``crossfit_curve`` (``fixed`` merged into each combination of
+    ``space``), each checked: one sentence for a set the policy (or its plan fit) would refuse."""
+    check_choice("policy", policy, POLICIES)
+    candidates = [{**(fixed or {}), **params} for params in grid(space or {})]
+    for params in candidates:
+        run_params = params
+        if policy == "compute_optimal":  # its plan is fitted with these; the policy takes the rest
+            check_fit_params({k: v for k, v in params.items() if k in FIT_KEYS})
+            run_params = {k: v for k, v in params.items() if k not in FIT_KEYS}
+        check_params(policy, run_params, complete=False)
+    return candidates
 
 
 def _materialize(policy: str, params: dict, calib: Sequence[ReplayPrompt], seed: int) -> dict:
     """Turn chosen parameters into run arguments (compute_optimal: fit its plan on calibration)."""
     if policy != "compute_optimal":
         return dict(params)
-    fit_keys = {"pilot", "k_max", "repeats", "min_bin"}
-    fit = {k: v for k, v in params.items() if k in fit_keys}
+    fit = {k: v for k, v in params.items() if k in FIT_KEYS}
     key = (tuple(p.id for p in calib), tuple(sorted(fit.items())), seed)
     if key not in _PLANS:  # the plan does not depend on the budget: fit once per fold
         _PLANS[key] = fit_compute_optimal(calib, seed=seed, **fit)
     plan = _PLANS[key]
-    return {"plan": plan, **{k: v for k, v in params.items() if k not in fit_keys}}
+    return {"plan": plan, **{k: v for k, v in params.items() if k not in FIT_KEYS}}

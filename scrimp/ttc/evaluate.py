@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from scrimp.allocators.checks import check_integer
+
 
 def _check_nk(n: int, k: int) -> None:
     if not (isinstance(n, int) and isinstance(k, int)) or k < 1 or n < k:
@@ -99,6 +101,7 @@ def bootstrap_ci(
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """(estimate, low, high): percentile bootstrap interval of ``statistic`` over prompts (axis 0)."""
+    check_integer("n_boot", n_boot, 1)
     values = np.asarray(per_prompt, dtype=float)
     if values.ndim < 1 or values.shape[0] < 2:
         raise ValueError("per_prompt must hold at least two prompts along axis 0")
@@ -182,6 +185,7 @@ def savings_at_equal_accuracy(
     (``Savings.low_is_upper_bound``, printed "<=") instead of the meaningless 0x of counting it as "no
     savings". The point estimate follows the same rule (``Savings.reached``).
     """
+    check_integer("n_boot", n_boot, 1)
     base = np.asarray(baseline_correct, float)
     spend, corr = np.asarray(policy_spend, float), np.asarray(policy_correct, float)
     if spend.shape != corr.shape or spend.ndim != 2 or spend.shape[0] != base.shape[0]:
@@ -218,7 +222,9 @@ def savings_at_equal_accuracy(
                    bool(np.any(~hit & (stats >= low - 1e-12))), bool(np.any(~hit & (stats >= high - 1e-12))))
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then move it onto ``path``; on any failure the
+    temporary file is removed and ``path`` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
@@ -245,7 +251,7 @@ def write_curves_csv(rows: Sequence[Mapping[str, object]], path: str | os.PathLi
             w.writeheader()
             w.writerows(rows)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -290,6 +296,6 @@ def plot_curves(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path

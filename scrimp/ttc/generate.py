@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
+from scrimp.allocators.checks import is_integer
 from scrimp.ttc.verify import extract_answer, normalize_answer
 
 
@@ -40,12 +43,13 @@ class Step:
 def _check_counts(prompts: Sequence[str], n: int | Sequence[int]) -> list[int]:
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not a single str")
-    counts = [n] * len(prompts) if isinstance(n, int) else list(n)
+    counts = [n] * len(prompts) if isinstance(n, str) or np.ndim(n) == 0 else list(n)
     if len(counts) != len(prompts):
         raise ValueError(f"n must be an int or one count per prompt ({len(prompts)}), got {len(counts)}")
-    if any((not isinstance(c, int)) or c < 0 for c in counts):
-        raise ValueError(f"n must hold non-negative integers, got {counts[:8]}")
-    return counts
+    bad = [c for c in counts if not is_integer(c) or c < 0]
+    if bad:
+        raise ValueError(f"n must be a non-negative integer or one per prompt, got {bad[0]!r}")
+    return [int(c) for c in counts]
 
 
 @runtime_checkable
@@ -267,6 +271,9 @@ class ReplayGenerator:
             raise ValueError("prompts must hold at least one ReplayPrompt, got none")
         seen: set[str] = set()
         for p in prompts:
+            if not isinstance(p, ReplayPrompt):
+                raise ValueError(f"prompts must hold ReplayPrompt objects (e.g. from load_replay), got a "
+                                 f"{type(p).__name__}")
             if not p.samples:
                 raise ValueError(f"prompt {p.id!r} has zero recorded samples; replay needs at least one")
             if p.id in seen:

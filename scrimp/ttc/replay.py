@@ -20,9 +20,10 @@ text alone (``scrimp.ttc.verify.extract_answer``); the reference is only used af
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from scrimp.ttc.generate import ReplayPrompt, Sample
@@ -54,11 +55,34 @@ def _sample_from_json(obj, where: str, reference: str | None) -> Sample:
         raise ValueError(f"{where}: sample 'answer' must be a string or null")
     if correct is not None and not isinstance(correct, bool):
         raise ValueError(f"{where}: sample 'correct' must be true, false or null")
-    if score is not None and (isinstance(score, bool) or not isinstance(score, int | float) or score != score):
+    if score is not None and (isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)):
         raise ValueError(f"{where}: sample 'score' must be a finite number or null")
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
         raise ValueError(f"{where}: sample 'tokens' must be a non-negative integer or null")
     return Sample(obj["text"], normalize_answer(answer), tokens, None if score is None else float(score), correct)
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) for each non-blank line; a line that is not valid JSON, or not UTF-8,
+    raises a ValueError naming the file and the line."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path.name} line {lineno} is not valid JSON ({err.msg})") from None
+                yield lineno, obj
+    except UnicodeDecodeError:
+        data = path.read_bytes()  # only now: the text reader does not know the line of the bad byte
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            lineno = data.count(b"\n", 0, err.start) + 1
+            raise ValueError(f"{path.name} line {lineno} is not valid UTF-8 ({err.reason})") from None
+        raise
 
 
 def load_replay(path: str | os.PathLike) -> list[ReplayPrompt]:
@@ -69,31 +93,24 @@ def load_replay(path: str | os.PathLike) -> list[ReplayPrompt]:
         raise FileNotFoundError(f"replay file not found: {path}")
     prompts: list[ReplayPrompt] = []
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where} is not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or "id" not in obj:
-                raise ValueError(f"{where}: each line must be an object with 'id' and a string 'prompt'")
-            if not isinstance(obj.get("samples"), list):
-                raise ValueError(f"{where}: 'samples' must be a list")
-            if not obj["samples"]:
-                raise ValueError(f"{where}: prompt {obj['id']!r} has zero recorded samples")
-            ref = obj.get("reference")
-            if ref is not None and not isinstance(ref, str):
-                raise ValueError(f"{where}: 'reference' must be a string or null")
-            ref = reference_answer(ref)
-            samples = tuple(_sample_from_json(s, where, ref) for s in obj["samples"])
-            pid = str(obj["id"])
-            if pid in first_line:
-                raise ValueError(f"{where}: prompt id {pid!r} repeats the id of line {first_line[pid]}; ids must be unique")
-            first_line[pid] = lineno
-            prompts.append(ReplayPrompt(pid, obj["prompt"], ref, samples))
+    for lineno, obj in _json_lines(path):
+        where = f"{path.name} line {lineno}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or "id" not in obj:
+            raise ValueError(f"{where}: each line must be an object with 'id' and a string 'prompt'")
+        if not isinstance(obj.get("samples"), list):
+            raise ValueError(f"{where}: 'samples' must be a list")
+        if not obj["samples"]:
+            raise ValueError(f"{where}: prompt {obj['id']!r} has zero recorded samples")
+        ref = obj.get("reference")
+        if ref is not None and not isinstance(ref, str):
+            raise ValueError(f"{where}: 'reference' must be a string or null")
+        ref = reference_answer(ref)
+        samples = tuple(_sample_from_json(s, where, ref) for s in obj["samples"])
+        pid = str(obj["id"])
+        if pid in first_line:
+            raise ValueError(f"{where}: prompt id {pid!r} repeats the id of line {first_line[pid]}; ids must be unique")
+        first_line[pid] = lineno
+        prompts.append(ReplayPrompt(pid, obj["prompt"], ref, samples))
     if not prompts:
         raise ValueError(f"replay file {path} holds no prompts")
     return prompts
@@ -129,32 +146,25 @@ def convert_esc(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     if not path.is_file():
         raise FileNotFoundError(f"ESC file not found: {path}")
     prompts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path.name} line {lineno} is not valid JSON ({err.msg})") from None
-            texts = obj.get("generated_answer") if isinstance(obj, dict) else None
-            if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not isinstance(texts, list):
-                raise ValueError(
-                    f"{path.name} line {lineno}: an ESC line needs 'question' (str) and 'generated_answer' (list)"
-                )
-            if not texts:
-                raise ValueError(f"{path.name} line {lineno}: the prompt has zero recorded samples")
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"{path.name} line {lineno}: 'generated_answer' must be a list of strings")
-            ref = obj.get("answer")
-            # ESC's GSM8K/MATH files hold the whole reference solution: compare with its final answer
-            ref = None if ref is None else reference_answer(str(ref))
-            samples = []
-            for text in texts:
-                answer = normalize_answer(extract_answer(text))
-                correct = None if ref is None else exact_match(answer, ref)
-                samples.append(Sample(text, answer, None, None, correct))
-            prompts.append(ReplayPrompt(f"{path.stem}-{lineno - 1}", obj["question"], ref, tuple(samples)))
+    for lineno, obj in _json_lines(path):
+        texts = obj.get("generated_answer") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not isinstance(texts, list):
+            raise ValueError(
+                f"{path.name} line {lineno}: an ESC line needs 'question' (str) and 'generated_answer' (list)"
+            )
+        if not texts:
+            raise ValueError(f"{path.name} line {lineno}: the prompt has zero recorded samples")
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{path.name} line {lineno}: 'generated_answer' must be a list of strings")
+        ref = obj.get("answer")
+        # ESC's GSM8K/MATH files hold the whole reference solution: compare with its final answer
+        ref = None if ref is None else reference_answer(str(ref))
+        samples = []
+        for text in texts:
+            answer = normalize_answer(extract_answer(text))
+            correct = None if ref is None else exact_match(answer, ref)
+            samples.append(Sample(text, answer, None, None, correct))
+        prompts.append(ReplayPrompt(f"{path.stem}-{lineno - 1}", obj["question"], ref, tuple(samples)))
     if not prompts:
         raise ValueError(f"ESC file {path} holds no prompts")
     if out is not None:

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from scrimp.allocators.checks import check_integer, check_number
+
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(64)
 
 RULES = ("beta", "window", "either", "dirichlet")
@@ -61,8 +63,7 @@ def leader_counts(answers: Sequence[str | None]) -> tuple[int, int]:
 
 def beta_confidence(answers: Sequence[str | None], prior: float = 1.0) -> float:
     """Adaptive-Consistency confidence that the current leader is the mode: P(Beta(v1+a, v2+a) > 1/2)."""
-    if prior <= 0:
-        raise ValueError(f"prior must be > 0, got {prior}")
+    check_number("prior", prior, low=0, open_low=True)
     v1, v2 = leader_counts(answers)
     return beta_tail_above_half(v1 + prior, v2 + prior)
 
@@ -70,8 +71,7 @@ def beta_confidence(answers: Sequence[str | None], prior: float = 1.0) -> float:
 def window_agrees(answers: Sequence[str | None], window: int, start: int = 0) -> bool:
     """ESC window rule: True when the number drawn since ``start`` is a positive multiple of ``window``
     and the last ``window`` answers are the same non-None answer."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    check_integer("window", window, 1)
     drawn = len(answers) - start
     if drawn <= 0 or drawn % window:
         return False

@@ -176,3 +176,33 @@ def test_allocate_counts_with_k_max_zero_gives_nothing():
     values = np.array([[0.3], [0.6]])
     alloc = allocate_counts(lambda k, v: v[:, k[0]], values, 5, k_min=0, k_max=0)
     assert list(alloc.counts) == [0, 0]
+
+
+def test_costs_whose_int64_sum_would_wrap_around_are_refused():
+    # 2**62 + 2**62 wrapped to -2**63 and the solver returned an infeasible choice
+    with pytest.raises(ValueError, match=r"costs must add up to less than 2\*\*63"):
+        solve([[2**62], [2**62]], [[0.2], [0.5]], 2**63 - 1)
+    with pytest.raises(ValueError, match=r"costs must add up to less than 2\*\*63"):
+        solve(np.array([[0, 2**63]], dtype=np.uint64), np.array([[0.1, 0.2]]), 5)
+    alloc = solve([[2**61, 1], [2**61]], [[0.9, 0.1], [0.5]], 2**62)  # large but summable: still solved
+    assert list(alloc.choice) == [0, 0] and alloc.cost == 2**62
+
+
+def test_choice_bounds_of_the_wrong_length_are_one_sentence():
+    with pytest.raises(ValueError, match=r"max_choice must be one option index or one per item, 2 in all; got shape \(3,\)"):
+        solve([[1, 2], [1, 2]], [[0.1, 0.2], [0.1, 0.3]], 4, max_choice=[0, 1, 1])  # was a NumPy broadcast error
+
+
+def test_allocate_counts_names_the_real_problem():
+    p = np.array([[0.5], [0.2]])
+    with pytest.raises(ValueError, match=r"budget 1 is below the sum of the items' minimum costs \(2"):
+        allocate_counts(coverage, p, 1)  # said "k_max must be an integer >= k_min=1; got 0"
+    # the default k_max is the budget: 10**9 samples per item tried to allocate 7.45 GiB
+    with pytest.raises(ValueError, match="k_max was not given .* GiB; pass k_max"):
+        allocate_counts(coverage, p, 10**9)
+    assert list(allocate_counts(coverage, p, 10**9, k_max=4).counts) == [4, 4]
+    with pytest.raises(ValueError, match="budget must be an integer >= 0, got True"):
+        allocate_counts(coverage, p, True)
+    with pytest.raises(ValueError, match=r"k_max must be an integer >= k_min=1 \(or None\), got 0"):
+        allocate_counts(coverage, p, 5, k_max=0)
+    assert allocate_counts(coverage, p, np.int64(6), k_max=np.int64(3)).counts.sum() == 6

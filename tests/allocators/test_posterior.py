@@ -93,3 +93,24 @@ def test_posterior_allocation_gives_unsolved_items_samples_without_special_cases
 def test_bad_inputs_get_one_clear_sentence(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: BetaPosterior(1, 2, prior=0.5), r"prior must be a pair \(a0, b0\)"),  # "'float' object is not iterable"
+    (lambda: BetaPosterior(1, 2, prior=(1, 1, 1)), r"prior must be a pair \(a0, b0\)"),
+    (lambda: BetaPosterior("x", 2), "successes must be finite non-negative counts"),
+    (lambda: DirichletPosterior([1, 2], prior="x"), "prior must be positive"),
+    (lambda: BetaPosterior(1, 2).expected(coverage, 3, n_nodes=0), "n_nodes must be an integer >= 1, got 0"),
+    (lambda: DirichletPosterior(np.ones(3)).expected_majority(np.array([100]), exact_max_k=10, n_draws=0),
+     "n_draws must be an integer >= 1, got 0"),  # was [nan]
+    (lambda: DirichletPosterior(np.ones(3)).expected_majority(3, correct_index=0.5), "correct_index must be an integer"),
+])
+def test_more_bad_inputs_get_one_clear_sentence(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_one_quadrature_node_is_the_posterior_mean():
+    # n_nodes=1 raised an IndexError; one Gauss-Jacobi node is exact for polynomials of degree 1
+    post = BetaPosterior(np.array([3.0, 0.0]), np.array([1.0, 5.0]))
+    assert post.expected(coverage, np.ones(2, dtype=int), n_nodes=1) == pytest.approx(post.mean, abs=1e-12)

@@ -126,3 +126,14 @@ def test_majority_equals_enumeration_over_count_vectors(k):
         assert float(majority(k, np.array(probs), correct_index=correct)) == pytest.approx(
             enumerated_majority(k, probs, correct), abs=1e-12
         )
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: majority(3, np.array([0.5, 0.5]), correct_index=0.5), "correct_index must be an integer index"),
+    (lambda: majority(3, np.array([0.5, 0.5]), correct_index=True), "correct_index must be an integer index"),
+    (lambda: variance_reduction([[2]], [[np.inf]]), "sigma2 must be finite non-negative variances"),  # was nan
+    (lambda: majority(3, np.array([0.5, 0.5]), exact_max_k=-1), "exact_max_k must be an integer >= 0"),
+])
+def test_more_bad_inputs_get_one_clear_sentence(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

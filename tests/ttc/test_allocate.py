@@ -182,3 +182,75 @@ def test_knapsack_when_every_prompt_fits_in_its_pilot(esc_prompts):
     prompts = [dataclasses.replace(p, samples=p.samples[: 1 + i % 2]) for i, p in enumerate(esc_prompts[:30])]
     out = run_policy("knapsack", ReplayGenerator(prompts, seed=0), [p.id for p in prompts], 4, seed=0, pilot=2)
     assert list(out.spent) == [len(p.samples) for p in prompts] and out.info["method"] == "pilot only"
+
+
+class _CountingReplay(ReplayGenerator):
+    """A replay generator that counts its sample calls: bad input must be refused before any of them."""
+
+    calls = 0
+
+    def sample(self, prompts, n):
+        type(self).calls += 1
+        return super().sample(prompts, n)
+
+
+def _refused_before_sampling(recorded, policy, budget, message, **params):
+    _CountingReplay.calls = 0
+    with pytest.raises(ValueError, match=message):
+        run_policy(policy, _CountingReplay(recorded), [p.id for p in recorded], budget, **params)
+    assert _CountingReplay.calls == 0
+
+
+@pytest.mark.parametrize(("policy", "params", "message"), [
+    # k_max <= 0 or not an integer spent nothing and reported it as a result
+    ("knapsack", {"k_max": -3}, r"k_max must be an integer >= pilot=2 \(or None\), got -3"),
+    ("knapsack", {"k_max": 10.5}, "k_max must be an integer >= pilot=2"),
+    ("sequential", {"k_max": 1}, "k_max must be an integer >= pilot=2"),
+    ("uniform", {"k_max": 0}, r"k_max must be an integer >= 1 \(or None\), got 0"),
+    # checked only after the pilot was drawn, or with a misleading or raw message
+    ("knapsack", {"prior": float("nan")}, "prior must be a finite number > 0, got nan"),
+    ("knapsack", {"prior": -1}, "prior must be a finite number > 0"),
+    ("sequential", {"prior": -1}, "prior must be a finite number > 0"),
+    ("sequential", {"prior": "x"}, "prior must be a finite number > 0, got 'x'"),
+    ("sequential", {"rule": "window", "window": 0}, "window must be an integer >= 1, got 0"),
+    ("sequential", {"window": -2}, "window must be an integer >= 1"),
+    ("sequential", {"threshold": "0.9"}, r"threshold must be a finite number in \(0, 1\), got '0.9'"),
+    ("knapsack", {"pilot": True}, "pilot must be an integer >= 1, got True"),
+    ("knapsack", {"foo": 1}, "policy knapsack takes no parameter 'foo'; it takes utility, pilot, prior, k_max"),
+    ("compute_optimal", {"plan": {"pilot": 3}}, "plan must be a ComputeOptimalPlan"),
+    ("compute_optimal", {}, "policy compute_optimal needs the parameter 'plan'"),
+])
+def test_bad_parameters_are_refused_before_any_sample_is_drawn(esc_prompts, policy, params, message):
+    _refused_before_sampling(esc_prompts[:6], policy, 8, message, **params)
+
+
+def test_oracle_needs_every_prompt_it_allocates(esc_prompts):
+    prompts = esc_prompts[:8]
+    _refused_before_sampling(prompts, "oracle", 8, "prompts must hold every prompt of ids .* 3 are missing",
+                             prompts=prompts[:5])
+
+
+def test_a_budget_below_one_sample_per_prompt_is_refused(esc_prompts):
+    # 0.01 x 8 prompts floored to 0 samples in total: every answer was None, silently
+    _refused_before_sampling(esc_prompts[:8], "uniform", 0.01, "at least 1, so that every prompt gets a sample")
+    assert run_policy("uniform", ReplayGenerator(esc_prompts[:8]), [p.id for p in esc_prompts[:8]], 1).spent.sum() == 8
+
+
+def test_total_budget_takes_numpy_reals_and_refuses_bools():
+    from scrimp.ttc.allocate import total_budget
+
+    assert total_budget(np.float32(2.0), 10) == 20 and total_budget(np.int64(3), 10) == 30
+    with pytest.raises(ValueError, match="budget must be a positive number of samples per prompt"):
+        total_budget(True, 10)
+
+
+def test_fit_compute_optimal_refuses_bad_settings_in_one_sentence(esc_prompts):
+    prompts = esc_prompts[:20]
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1, got 0"):
+        fit_compute_optimal(prompts, repeats=0)
+    with pytest.raises(ValueError, match="min_bin must be an integer >= 0, got -1"):
+        fit_compute_optimal(prompts, min_bin=-1)
+    with pytest.raises(ValueError, match="pilot must be an integer >= 1, got '3'"):
+        fit_compute_optimal(prompts, pilot="3")
+    with pytest.raises(ValueError, match="k_max must be an integer >= pilot=3, got 2"):
+        fit_compute_optimal(prompts, k_max=2)

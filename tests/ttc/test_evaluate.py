@@ -130,3 +130,11 @@ def test_savings_interval_leaves_out_resamples_whose_baseline_is_never_right():
     correct = np.column_stack([base, base])
     got = savings_at_equal_accuracy(base, 8.0, spend, correct, n_boot=200)
     assert got.ratio == pytest.approx(4.0) and math.isfinite(got.low) and math.isfinite(got.high)
+
+
+def test_n_boot_must_be_a_positive_integer():
+    x = np.linspace(0, 1, 20)
+    with pytest.raises(ValueError, match="n_boot must be an integer >= 1, got 0"):
+        bootstrap_ci(x, n_boot=0)
+    with pytest.raises(ValueError, match="n_boot must be an integer >= 1, got 0"):  # "not enough values to unpack"
+        savings_at_equal_accuracy(x, 4, np.ones((20, 2)), np.ones((20, 2)), n_boot=0)

@@ -109,6 +109,9 @@ def test_summary_is_strict_json_when_nothing_is_judged_or_right(tmp_path):
     ("policy.name=greedy", "error: policy.name must be one of"),
     ("data=replay_file", "error: data.path must name a recorded-samples file"),
     ("data.path=/nonexistent/samples.jsonl", "error: "),
+    ("+policy.params.k_max=-3", "error: k_max must be an integer >= pilot=2 (or None), got -3"),  # exited 0
+    ("+policy.params.foo=1", "error: policy sequential takes no parameter 'foo'"),  # a Hydra traceback
+    ("budget=abc", "error: budget must be a positive number of samples per prompt"),  # did not name budget
 ])
 def test_command_line_bad_input_is_one_sentence_without_a_traceback(override, message):
     import subprocess
@@ -120,3 +123,44 @@ def test_command_line_bad_input_is_one_sentence_without_a_traceback(override, me
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["repeats=0"], "repeats must be an integer >= 1, got 0"),  # NaN results with rc 0
+    (["n_boot=0"], "n_boot must be an integer >= 1, got 0"),  # failed only after the whole curve
+    (["tune_repeats=-1"], "tune_repeats must be an integer >= 1"),
+    (["folds=1"], "folds must be an integer >= 2"),
+    (["curve_budgets=[0]"], "every curve_budgets entry must be a positive number of samples per prompt"),
+    (["policy=knapsack", "+policy.params.k_max=-3"], "k_max must be an integer >= pilot=2"),  # spent nothing
+    (["policy=knapsack", "policy.space.prior=[-1.0]"], "prior must be a finite number > 0, got -1.0"),
+    (["policy=compute_optimal", "policy.space.pilot=[0]"], "pilot must be an integer >= 1, got 0"),
+    (["policy=uniform", "+policy.params.foo=1"], "policy uniform takes no parameter 'foo'"),
+    (["tune_only=true", "+policy.params.prior=-1"], "prior must be a finite number > 0, got -1"),
+])
+def test_bad_settings_are_refused_before_the_data_is_read(tmp_path, monkeypatch, overrides, message):
+    import experiments.ttc as entry
+
+    def never(cfg):
+        raise AssertionError("data was read before the settings were checked")
+
+    monkeypatch.setattr(entry, "load_data", never)
+    with pytest.raises(ValueError, match=message):
+        run(_cfg(*overrides), tmp_path)
+
+
+def test_summary_write_leaves_no_temporary_file_when_it_fails(tmp_path, monkeypatch):
+    import os
+
+    from experiments.ttc import _atomic_json
+
+    with pytest.raises(TypeError):
+        _atomic_json({"x": object()}, tmp_path / "summary.json")  # not serializable
+    assert list(tmp_path.iterdir()) == []
+
+    def full_disk(src, dst):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="no space left"):
+        _atomic_json({"x": 1}, tmp_path / "summary.json")
+    assert list(tmp_path.iterdir()) == []

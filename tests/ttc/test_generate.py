@@ -70,3 +70,17 @@ def test_hf_generator_sampling_and_step_delimiter():
     assert [[(s.text, s.tokens, s.finished) for s in row] for row in steps] == [[("\n\n", 2, False)] * 2] * 2
     with pytest.raises(ValueError, match="top_p"):
         HFGenerator(model, tok, top_p=0.0)
+
+
+def test_replay_generator_bad_input_is_one_sentence(esc_prompts):
+    import numpy as np
+
+    with pytest.raises(ValueError, match="prompts must hold ReplayPrompt objects .* got a str"):
+        ReplayGenerator(["a", "b"])  # was an AttributeError
+    gen = ReplayGenerator(esc_prompts[:2])
+    ids = [p.id for p in esc_prompts[:2]]
+    for n in (1.0, True, -1, [2, 1.5]):  # 1.0 was "'float' object is not iterable"; True drew one sample
+        with pytest.raises(ValueError, match="n must be a non-negative integer or one per prompt"):
+            gen.sample(ids, n)
+    assert [len(s) for s in gen.sample(ids, np.array([2, 3]))] == [2, 3]  # numpy counts are counts
+    assert [len(s) for s in gen.sample(ids, np.int64(1))] == [1, 1]

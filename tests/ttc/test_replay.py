@@ -57,3 +57,22 @@ def test_esc_references_that_are_whole_solutions_are_reduced_to_their_answer(tmp
     path.write_text("\n".join(json.dumps(r) for r in rows))
     prompts = convert_esc(path)
     assert [[s.correct for s in p.samples] for p in prompts] == [[True, True, False], [True, True, False]]
+
+
+def test_scores_must_be_finite(tmp_path):
+    path = tmp_path / "inf.jsonl"
+    path.write_text('{"id": "a", "prompt": "q", "samples": [{"text": "t", "answer": "x", "score": Infinity}]}\n')
+    with pytest.raises(ValueError, match="inf.jsonl line 1: sample 'score' must be a finite number or null"):
+        load_replay(path)
+
+
+def test_a_line_that_is_not_utf8_is_named_with_its_file(tmp_path):
+    good = json.dumps({"id": "a", "prompt": "q", "samples": [{"text": "t"}]}).encode()
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n\n" + '{"id": "b", "prompt": "caf\xe9", "samples": [{"text": "t"}]}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.jsonl line 3 is not valid UTF-8"):  # was a raw UnicodeDecodeError
+        load_replay(path)
+    esc = tmp_path / "esc_latin1.jsonl"
+    esc.write_bytes('{"question": "caf\xe9", "answer": "x", "generated_answer": ["t"]}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="esc_latin1.jsonl line 1 is not valid UTF-8"):
+        convert_esc(esc)

@@ -97,3 +97,12 @@ def test_the_bound_never_changes_a_stopping_decision(monkeypatch):
     exact = [stopping.should_stop(a, "dirichlet", threshold=t, prior=0.5, window=3, horizon=24)
              for a in cases for t in (0.6, 0.9, 0.95)]
     assert fast == exact and any(exact) and not all(exact)
+
+
+def test_stopping_rule_parameters_are_checked_in_one_sentence():
+    from scrimp.ttc.stopping import beta_confidence, window_agrees
+
+    with pytest.raises(ValueError, match="prior must be a finite number > 0, got nan"):
+        beta_confidence(["a", "a", "b"], float("nan"))  # NaN used to pass the "> 0" test
+    with pytest.raises(ValueError, match="window must be an integer >= 1, got 2.5"):
+        window_agrees(["a", "a", "a"], 2.5)
