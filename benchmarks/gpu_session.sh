@@ -11,9 +11,13 @@
 # it that column reads "—". Limits are in seconds and can be set from the environment.
 set -u
 out="${OUT:-gpu_out}"
-mkdir -p "$out"
 py="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "benchmarks/gpu_session.sh needs a CUDA GPU and torch with CUDA; none is visible here" >&2
+  exit 2
+fi
+mkdir -p "$out"
 unset TRITON_INTERPRET
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

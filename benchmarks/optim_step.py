@@ -101,8 +101,9 @@ def summarize(name, opt, projected, times, refresh_of) -> Result:
     adamw_proj = sum(2 * p.numel() * 4 for p in projected)
     refreshing = refresh_of(opt, steps)
     later = range(1, steps)
-    quiet = [times[t] for t in later if t not in refreshing] or [times[t] for t in later]
-    return Result(name, total, proj_bytes / adamw_proj, 1e3 * statistics.median(quiet), 1e3 * max(times[1:]),
+    quiet = [times[t] for t in later if t not in refreshing]
+    median = statistics.median(quiet) if quiet else float("nan")  # every step refreshed: no quiet median
+    return Result(name, total, proj_bytes / adamw_proj, 1e3 * median, 1e3 * max(times[1:]),
                   1e3 * times[0], steps, len([t for t in later if t in refreshing]))
 
 

@@ -264,8 +264,8 @@ def resolve_data_files(path: str | Sequence[str]) -> list[Path]:
     Raises one sentence when a path does not exist or a pattern/directory matches no data file.
     """
     patterns = [path] if isinstance(path, str | os.PathLike) else list(path)
-    if not patterns:
-        raise ValueError("data.path is empty; give a file, a directory or a glob of text/json/jsonl/parquet files")
+    if not patterns or "???" in map(str, patterns):  # "???": the config's missing-value marker, left unset
+        raise ValueError("data.path is not set; give a file, a directory or a glob of text/json/jsonl/parquet files")
     known = _TEXT_SUFFIXES | _JSON_SUFFIXES | _PARQUET_SUFFIXES
     found: set[Path] = set()
     for pattern in patterns:

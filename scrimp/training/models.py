@@ -67,8 +67,15 @@ def build_model(name_or_path: str, vocab_size: int | None = None, seed: int | No
         if seed is not None:
             torch.manual_seed(seed)
         return LlamaForCausalLM(config)
-    if os.path.isdir(name_or_path) or "/" in name_or_path:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **overrides)
+    local = os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~"))
+    if local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ValueError(f"model {name_or_path!r} looks like a local path, but no such directory exists")
+    if local or "/" in name_or_path:
+        try:
+            return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), **overrides)
+        except (OSError, ValueError) as err:  # a hub name offline or unknown, a folder without a model
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"model {name_or_path!r} could not be loaded with from_pretrained: {first}") from err
     raise ValueError(
         f"model {name_or_path!r} is neither a known size ({', '.join(sorted(LLAMA_SIZES))}) "
         "nor a local directory or hub name of the form 'org/name'"

@@ -187,7 +187,11 @@ def replay_stats(prompts: Sequence[ReplayPrompt]) -> dict[str, float]:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) not in (2, 3):
-        raise SystemExit("usage: python -m scrimp.ttc.replay <esc.jsonl> [out.jsonl]")
-    converted = convert_esc(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None)
+    usage = "usage: python -m scrimp.ttc.replay <esc.jsonl> [out.jsonl]  (convert an ESC samples file to replay JSONL)"
+    if len(sys.argv) not in (2, 3) or sys.argv[1] in ("-h", "--help"):
+        raise SystemExit(usage)
+    try:
+        converted = convert_esc(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
     print(json.dumps(replay_stats(converted), indent=2))

@@ -132,3 +132,29 @@ def test_a_resumed_seeded_study_draws_new_points(tmp_path, built_by_hydra):
     fresh = optuna.create_study(sampler=reference)
     assert first == fresh.ask(space).params["x"]
     assert second != first  # a resume continues the seed sequence instead of replaying it
+
+
+@pytest.mark.parametrize("conf,config_name,search", [
+    ("conf", "train", "galore_lr"), ("conf", "train", "ppl_vs_memory"),
+    ("conf/ttc", "config", "sequential_optuna"), ("conf/ttc", "config", "sequential_accuracy_vs_cost"),
+])
+def test_every_search_config_composes_and_owns_the_keys_it_sweeps(conf, config_name, search):
+    # The sweeper hands each trial plain `key=value` overrides: every key must exist in the composed
+    # config, and the search's own settings (optimized_metric, objectives) must win over the base file's.
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / conf), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    own = OmegaConf.load(REPO / conf / "hparams_search" / f"{search}.yaml")
+    missing = [key for key in cfg.hydra.sweeper.params if OmegaConf.select(cfg, key, default="<absent>") == "<absent>"]
+    assert not missing
+    for key in ("optimized_metric", "objectives"):
+        if key in own:
+            assert cfg[key] == own[key]
+
+
+def test_an_experiment_overrides_the_base_files_keys():
+    from training.helpers import compose_train
+
+    assert compose_train(["experiment=galore_60m_c4"]).checkpoint.every_n_steps == 1000

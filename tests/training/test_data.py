@@ -149,6 +149,8 @@ def test_cache_is_reused_and_equals_a_clean_build(tmp_path):
 def test_missing_path_is_one_sentence(tmp_path):
     with pytest.raises(ValueError, match=r"^data.path '.*nowhere' does not exist$"):
         TextDataModule(source="files", path=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="data.path is not set"):  # data=text_files left at its ??? marker
+        TextDataModule(source="files", path="???")
 
 
 def test_glob_matching_nothing_is_one_sentence(tmp_path):

@@ -76,3 +76,14 @@ def test_a_line_that_is_not_utf8_is_named_with_its_file(tmp_path):
     esc.write_bytes('{"question": "caf\xe9", "answer": "x", "generated_answer": ["t"]}\n'.encode("latin-1"))
     with pytest.raises(ValueError, match="esc_latin1.jsonl line 1 is not valid UTF-8"):
         convert_esc(esc)
+
+
+@pytest.mark.parametrize("argv,message", [(["/nonexistent.jsonl"], "error: ESC file not found"),
+                                          (["--help"], "usage: python -m scrimp.ttc.replay")])
+def test_the_converter_command_ends_with_one_sentence(monkeypatch, argv, message):
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["replay", *argv])
+    with pytest.raises(SystemExit, match=message):
+        runpy.run_module("scrimp.ttc.replay", run_name="__main__")
