@@ -95,15 +95,20 @@ def build(cfg: Any, model: nn.Module):
 def zeroth_order_groups(model: nn.Module, weight_decay: float) -> list:
     """The trainable parameters, with MeZO's weight-decay exemption when there is weight decay.
 
-    Without weight decay they stay one list in model order (the order keys each perturbation);
-    with it, names holding "bias", "layer_norm" or "layernorm" go to a second group with none.
+    Without weight decay they stay one list. With it, parameters whose names hold "bias",
+    "layer_norm" or "layernorm" get none: consecutive runs of decayed and exempt parameters become
+    groups, so the parameters keep their model order, which keys each perturbation.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    exempt = [p for n, p in named if any(key in n for key in MEZO_NO_DECAY)]
-    if not weight_decay or not exempt or isinstance(weight_decay, bool):
+    if not weight_decay or isinstance(weight_decay, bool) or not any(k in n for n, _ in named for k in MEZO_NO_DECAY):
         return [p for _, p in named]
-    decayed = [p for n, p in named if not any(key in n for key in MEZO_NO_DECAY)]
-    return [g for g in ({"params": decayed}, {"params": exempt, "weight_decay": 0.0}) if g["params"]]
+    groups: list[dict] = []
+    for name, param in named:
+        exempt = any(key in name for key in MEZO_NO_DECAY)
+        if not groups or groups[-1]["exempt"] != exempt:
+            groups.append({"params": [], "exempt": exempt})
+        groups[-1]["params"].append(param)
+    return [{"params": g["params"], **({"weight_decay": 0.0} if g["exempt"] else {})} for g in groups]
 
 
 def _groups_and_factory(name: str, cfg: dict, model: nn.Module):

@@ -327,6 +327,8 @@ def residual_only_step_torch(
     """
     if rule not in RESIDUAL_RULES:
         raise ValueError(f"rule must be one of {RESIDUAL_RULES}, got {rule!r}")
+    if rule is None and weight_decay == 0.0:
+        return
     with working_copy(W) as Wk:
         decay_(Wk, lr=lr, weight_decay=weight_decay)
         if rule is not None:

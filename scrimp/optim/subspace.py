@@ -19,7 +19,6 @@ State per parameter (only tensors, ints, floats, strings): ``step``, ``moment_st
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -272,6 +271,19 @@ def _kernels_available(p: Tensor) -> bool:
     return torch.cuda.get_device_capability(p.device) >= (8, 0)
 
 
+def _one_typo_apart(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` (4+ characters) differ by one insertion, deletion, substitution or swap
+    of neighbours: the misspellings of a key worth refusing, not other names that share letters."""
+    if min(len(a), len(b)) < 4 or abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                                  and a[diff[1]] == b[diff[0]])
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+
+
 def _with_added_keys(group: dict) -> dict:
     """A saved param group with the keys added since: state dicts from before ``eps_style`` used the
     HF formula, and blocks rotated in ascending order before ``block_order``."""
@@ -332,8 +344,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
             param_group = {"params": param_group}
         group = dict(param_group)
         for key in group:
-            near = difflib.get_close_matches(key, GROUP_KEYS, n=1, cutoff=0.75)
-            if key not in GROUP_KEYS and near:  # other keys (a group "name" for logging, ...) pass through
+            near = [known for known in GROUP_KEYS if key not in GROUP_KEYS and _one_typo_apart(key, known)]
+            if near:  # other unknown keys ("name", "lr_scale", ...) are the caller's and pass through
                 raise ValueError(f"unknown param-group key {key!r}; did you mean {near[0]!r}?")
         if is_projected_group(group):
             for key, value in self._projection_defaults.items():
@@ -484,7 +496,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             self._full_adam(p, group, grad, state, scale=1.0)
             return
         proj = self.projector(p, group)
-        if (self.fused is True and proj.dense and not p.is_cuda
+        if (self.fused is True and proj.dense and low_rank_grad is None and not p.is_cuda
                 and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")):
             raise ValueError(f"fused=True runs the Triton kernels, which need CUDA parameters (or TRITON_INTERPRET=1 set "
                              f"before import), got a {p.device.type} parameter; use fused=None or fused=False")
@@ -583,7 +595,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             return (index - cycle * k) % n < k
         if order == "descending":
             return (n - 1 - cycle * k - index) % n < k
-        key = (id(params), cycle)
+        key = (cycle, n, k, group["seed"])
         if self._random_blocks.get(id(params), (None,))[0] != key:
             chosen = torch.randperm(n, generator=seeded_generator(mix_seed(group["seed"], cycle)))[:k]
             self._random_blocks[id(params)] = (key, set(chosen.tolist()))
@@ -610,5 +622,12 @@ class SubspaceAdamW(torch.optim.Optimizer):
                     k: (v.to(device=p.device, copy=True) if isinstance(v, Tensor) else v)
                     for k, v in saved_state[pid].items()
                 }
+        for group in self.param_groups:  # blocks states saved before block_cycle existed keep their moments
+            if is_projected_group(group) and group["projector"] == "blocks":
+                for p in group["params"]:
+                    state = self.state[p]
+                    if _has_moments(state) and "block_cycle" not in state:
+                        state["block_cycle"] = (state["step"] - 1) // group["update_proj_gap"]
         self._projectors.clear()
+        self._random_blocks.clear()
         self._slots = None

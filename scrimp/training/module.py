@@ -166,13 +166,21 @@ class CausalLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Refuse a step whose gradients hold inf/NaN although the loss was finite (an overflow in
-        backward): one fused norm per tensor and one host read. Layer-wise optimizers have stepped
-        inside backward already, and zeroth-order ones have no gradients; neither gets here with any."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads or bool(torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().all()):
+        backward): one fused max-abs norm per tensor, one host read per device. fp16 mixed precision
+        is left to its GradScaler, which skips such steps and lowers the scale by design. Layer-wise
+        optimizers have stepped inside backward already, and zeroth-order ones have no gradients."""
+        if getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None:
             return
-        bad = next(name for name, p in self.named_parameters()
-                   if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        # The max-abs norm is finite for any finite tensor in any dtype (an fp16 L2 norm can overflow).
+        norms = torch._foreach_norm(grads, float("inf"))
+        devices = {n.device for n in norms}
+        if all(bool(torch.stack([n for n in norms if n.device == d]).isfinite().all()) for d in devices):
+            return
+        bad = next((name for name, p in self.named_parameters()
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a parameter")
         raise FloatingPointError(
             f"the gradient of {bad} holds inf or NaN although the loss is finite; stopping before the optimizer "
             "step writes it into the weights (lower optim.lr, or train in a wider dtype)"

@@ -88,6 +88,7 @@ def test_zeroth_order_weight_decay_spares_biases_and_layer_norms_as_mezo_does():
     opt = build({"name": "zo_sgd", "lr": 1e-3, "eps": 1e-3, "weight_decay": 0.1}, model)
     decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
+    assert [p for g in opt.param_groups for p in g["params"]] == list(model.parameters())  # model order kept
     assert decays[id(named["proj.weight"])] == 0.1
     assert all(decays[id(named[n])] == 0.0 for n in ("proj.bias", "input_layernorm.weight", "input_layernorm.bias"))
     # without weight decay the parameters stay one list in model order (the order keys each perturbation)

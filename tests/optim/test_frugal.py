@@ -253,3 +253,45 @@ def test_a_flat_parameter_list_projects_its_matrices_and_checks_density():
     for bad in (-3, 2.0, "0.5"):
         with pytest.raises(ValueError, match="density must be in"):
             FrugalAdamW([W], density=bad)
+
+
+def test_blocks_state_saved_before_block_cycle_existed_resumes_exactly():
+    def run(steps, opt=None, ps=None):
+        ps = ps or [torch.nn.Parameter(torch.randn(4, 6, generator=torch.Generator().manual_seed(i))) for i in range(3)]
+        opt = opt or FrugalAdamW([{"params": ps, "density": 2 / 3}], proj_type="blocks", update_gap=2,
+                                 block_order="ascending")
+        for t in steps:
+            for i, p in enumerate(ps):
+                p.grad = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * t + i))
+            opt.step()
+        return ps, opt
+
+    straight, _ = run(range(6))
+    ps, opt = run(range(3))
+    old = opt.state_dict()  # as written before block_cycle, eps_style and block_order were saved
+    for state in old["state"].values():
+        state.pop("block_cycle", None)
+    for key in ("eps_style", "block_order"):
+        old["param_groups"][0].pop(key)
+    fresh = FrugalAdamW([{"params": ps, "density": 2 / 3}], proj_type="blocks", update_gap=2, eps_style="torch",
+                        block_order="ascending")
+    fresh.load_state_dict(old)
+    fresh.param_groups[0]["eps_style"] = "torch"  # the old default was the HF placement; this run used torch's
+    resumed, _ = run(range(3, 6), fresh, ps)
+    for a, b in zip(resumed, straight):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_random_blocks_follow_a_loaded_seed():
+    ps = [torch.nn.Parameter(torch.randn(4, 6)) for _ in range(6)]
+    opt = FrugalAdamW([{"params": ps, "density": 0.5}], proj_type="blocks", update_gap=4, seed=0)
+    for p in ps:
+        p.grad = torch.randn(4, 6)
+    opt.step()
+    other = FrugalAdamW([{"params": ps, "density": 0.5}], proj_type="blocks", update_gap=4, seed=1)
+    other.step()
+    saved = other.state_dict()
+    opt.load_state_dict(saved)
+    opt.step()
+    other.step()
+    assert [("exp_avg" in opt.state[p]) for p in ps] == [("exp_avg" in other.state[p]) for p in ps]

@@ -386,3 +386,9 @@ def test_param_group_typos_and_sparse_gradients_are_refused_before_any_step():
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
     assert torch.equal(W, before) and opt.state[W] == {}  # the projected group did not step first
+
+
+def test_keys_that_are_not_typos_pass_through_param_groups():
+    W = torch.nn.Parameter(torch.randn(8, 6))
+    opt = GaLoreAdamW([{"params": [W], "rank": 2, "lr_scale": 0.5, "name": "attn", "weight_decay_mult": 0.0}])
+    assert opt.param_groups[0]["lr_scale"] == 0.5

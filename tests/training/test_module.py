@@ -189,3 +189,17 @@ def test_zeroth_order_resume_equals_no_interrupt_and_log_is_cleared(small_cfg, t
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["optimizer_states"][0]["zo"]["log"] == [] and a["optimizer_states"][0]["zo"]["steps"] == 6
+
+
+def test_gradient_check_reads_fp16_norms_safely_and_leaves_fp16_amp_to_its_scaler():
+    from types import SimpleNamespace
+
+    module = CausalLMModule("llama_tiny", {"name": "adamw"}, vocab_size=64).half()  # as precision="16-true"
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 1e3)  # finite, but an fp16 L2 norm would overflow
+    module.on_before_optimizer_step(None)
+    module.model.lm_head.weight.grad[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="gradient of model.lm_head.weight holds inf or NaN"):
+        module.on_before_optimizer_step(None)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))  # fp16-mixed: its job
+    module.on_before_optimizer_step(None)
