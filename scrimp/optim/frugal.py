@@ -86,7 +86,8 @@ class FrugalAdamW(SubspaceAdamW):
 
     ``params`` are param groups (``param_groups(model, density=...)``; groups with ``density``,
     ``rank`` or ``is_proj_params=True`` are FRUGAL's) or a flat list, whose 2-D tensors then form
-    one FRUGAL group. ``density`` in (0, 1] is the fraction of directions (entries for randk,
+    one FRUGAL group (embeddings and the head too: ``param_groups`` keeps those plain, as FRUGAL's
+    ``prepare_proj_params`` does). ``density`` in (0, 1] is the fraction of directions (entries for randk,
     parameters for blocks) that keep Adam state; ``density=1`` is AdamW. ``rank`` gives the size directly;
     ``rank=0`` keeps no state (pure signSGD/SGD on the group). ``proj_side`` is GaLore's side
     rule (std/reverse_std/left/right) for svd/random/randperm.
