@@ -78,6 +78,7 @@ def test_a_line_that_is_not_utf8_is_named_with_its_file(tmp_path):
         convert_esc(esc)
 
 
+@pytest.mark.filterwarnings("ignore:'scrimp.ttc.replay' found in sys.modules")  # runpy re-runs an imported module
 @pytest.mark.parametrize("argv,message", [(["/nonexistent.jsonl"], "error: ESC file not found"),
                                           (["--help"], "usage: python -m scrimp.ttc.replay")])
 def test_the_converter_command_ends_with_one_sentence(monkeypatch, argv, message):
