@@ -138,6 +138,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 "accum": {index[p]: buf.clone() for p, buf in self._accum.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        missing = {"optimizer", "micro", "accumulate", "accum"} - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict is not a layer-wise optimizer's (missing {sorted(missing)}); save it with "
+                             "this wrapper's state_dict()")
         if state_dict["accumulate"] != self.accumulate:
             raise ValueError(f"accumulate must match the saved value {state_dict['accumulate']}, got {self.accumulate}")
         # torch's load_state_dict swaps in new group dicts; copy their values into the dicts this
@@ -193,4 +197,12 @@ def layerwise(
             groups = params
         else:
             groups = [{"params": [p for p in params if p.requires_grad]}]
-    return LayerwiseOptimizer([dict(g, params=list(g["params"])) for g in groups], optimizer_factory, accumulate)
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise ValueError(f"groups[{index}] must be a dict with a 'params' list, got {group!r:.80}")
+    groups = [dict(g, params=list(g["params"])) for g in groups]
+    frozen = sum(not p.requires_grad for g in groups for p in g["params"])
+    if frozen:
+        raise ValueError(f"{frozen} parameter(s) in groups do not require grad; layer-wise updates hook each "
+                         "parameter's gradient, so leave frozen parameters out of the groups")
+    return LayerwiseOptimizer(groups, optimizer_factory, accumulate)

@@ -79,8 +79,25 @@ def check_model_name(name: str) -> None:
     )
 
 
-def check_trainer(trainer_cfg: DictConfig) -> None:
-    """One sentence for a GPU trainer on a machine without CUDA."""
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_trainer(trainer_cfg: DictConfig, checkpoint_cfg=None) -> None:
+    """One sentence for step counts Lightning would refuse with a traceback, and for a GPU trainer
+    on a machine without CUDA."""
+    max_steps = trainer_cfg.get("max_steps", -1)
+    if not _is_int(max_steps) or not (max_steps == -1 or max_steps >= 1):
+        raise ValueError(f"trainer.max_steps must be a positive integer (or -1: run by epochs), got {max_steps!r}")
+    accumulate = trainer_cfg.get("accumulate_grad_batches", 1)
+    if not _is_int(accumulate) or accumulate < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+    checkpoint_cfg = checkpoint_cfg or {}
+    keep, every = checkpoint_cfg.get("keep", 1), checkpoint_cfg.get("every_n_steps", 100)
+    if not _is_int(keep) or keep < -1:
+        raise ValueError(f"checkpoint.keep must be an integer >= 0, or -1 to keep every checkpoint, got {keep!r}")
+    if not _is_int(every) or every < 1:
+        raise ValueError(f"checkpoint.every_n_steps must be an integer >= 1, got {every!r}")
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
@@ -227,7 +244,7 @@ def train(cfg: DictConfig) -> dict:
 
     started = time.perf_counter()
     # -- every input is checked before any training ------------------------------------------
-    check_trainer(cfg.trainer)
+    check_trainer(cfg.trainer, cfg.get("checkpoint"))
     ckpt_path = check_checkpoint(cfg.get("ckpt_path"), str(cfg.optim.name))
     check_model_name(str(cfg.model.name))
     run_dir = resolve_run_dir(cfg)

@@ -208,3 +208,16 @@ def test_loaded_low_rank_buffers_follow_their_parameters_device():
     resumed = layerwise(meta_model, factory, accumulate=2, groups=meta_groups)
     resumed.load_state_dict(saved)
     assert resumed._accum and all(buf.device.type == "meta" for buf in resumed._accum.values())
+
+
+def test_bad_groups_and_state_dicts_are_one_sentence():
+    model, groups = model_and_groups(rank=3)
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match="1 parameter\\(s\\) in groups do not require grad"):
+        layerwise(model, lambda gs: GaLoreAdamW(gs), groups=groups)
+    with pytest.raises(ValueError, match=r"groups\[0\] must be a dict with a 'params' list"):
+        layerwise(model, lambda gs: GaLoreAdamW(gs), groups=[{"parms": []}])
+    model[0].bias.requires_grad_(True)
+    opt = layerwise(model, lambda gs: GaLoreAdamW(gs), groups=groups)
+    with pytest.raises(ValueError, match="state_dict is not a layer-wise optimizer's"):
+        opt.load_state_dict({})

@@ -213,3 +213,16 @@ def test_train_metrics_reach_the_logger_every_n_steps_and_at_the_last_step(small
     rows = list(csv.DictReader(open(tmp_path / "sparse" / "csv" / "version_0" / "metrics.csv")))
     assert [int(r["step"]) for r in rows if r.get("train/tokens_per_s")] == [3]
     assert sparse["metrics"]["train/tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_steps=-5", r"^trainer.max_steps must be a positive integer \(or -1: run by epochs\), got -5$"),
+    ("trainer.max_steps=0", r"^trainer.max_steps must be a positive integer"),
+    ("checkpoint.keep=-5", r"^checkpoint.keep must be an integer >= 0, or -1"),
+    ("checkpoint.every_n_steps=0", r"^checkpoint.every_n_steps must be an integer >= 1"),
+    ("trainer.accumulate_grad_batches=0", r"^trainer.accumulate_grad_batches must be an integer >= 1"),
+])
+def test_step_counts_lightning_would_refuse_with_a_traceback_are_one_sentence(small_cfg, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        train(small_cfg(override))
+    _assert_not_started(tmp_path / "run")

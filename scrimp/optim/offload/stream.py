@@ -151,7 +151,8 @@ class ParameterStreamer:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = causal_lm_loss,
     ):
         if not isinstance(optimizer, ZerothOrderOptimizer) or not isinstance(optimizer.rule, SGDRule):
-            raise ValueError("ParameterStreamer needs a ZOSGD optimizer (stateless); ZOAdam's moments do not stream")
+            raise ValueError(f"ParameterStreamer needs a ZOSGD optimizer (stateless), got {type(optimizer).__name__}; "
+                             "ZOAdam's moments and first-order optimizers do not stream")
         if optimizer.perturbation != "hook":
             raise ValueError("ParameterStreamer needs perturbation='hook' (it never writes perturbed weights)")
         if optimizer.query_allocator is not None:
@@ -313,8 +314,18 @@ class ParameterStreamer:
         Applies the previous step's update to every block as it passes, then runs all perturbed
         copies (+eps/-eps for each query) of the batch through the model in one pass.
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a 2-D LongTensor (batch, sequence)")
+        if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long
+                or input_ids.shape[1] < 2 or input_ids.shape[0] < 1):
+            shown = f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
+                else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a 2-D LongTensor (batch, sequence) with at least 2 tokens per row "
+                             f"(the loss predicts the next token), got {shown}")
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if vocab is not None:
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            if low < 0 or high >= vocab:
+                raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocab_size), got values in "
+                                 f"[{low}, {high}]")
         labels = (input_ids if labels is None else labels).to(self.device)  # a custom loss_fn gets them beside the logits
         opt = self.optimizer
         seeds = opt.query_seeds()

@@ -146,3 +146,15 @@ def test_a_step_that_raises_mid_forward_leaves_the_model_at_the_previous_step(ti
     clean_streamer.flush()
     streamer.flush()
     assert all(torch.equal(a, b) for a, b in zip(clean.parameters(), failing.parameters()))
+
+
+def test_bad_batches_are_one_sentence_before_any_block_moves(tiny):
+    model = copy.deepcopy(tiny)
+    streamer = ParameterStreamer(model, ZOSGD(model.parameters(), lr=1e-3, eps=1e-3), device="cpu")
+    good = _batch(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for bad, message in [(good.float(), "2-D LongTensor"), (good[:, :1], "at least 2 tokens"),
+                         (good + model.config.vocab_size, "must lie in \\[0, ")]:
+        with pytest.raises(ValueError, match=message):
+            streamer.step(bad)
+    assert streamer.uploads == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
