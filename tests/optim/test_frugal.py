@@ -295,3 +295,44 @@ def test_random_blocks_follow_a_loaded_seed():
     opt.step()
     other.step()
     assert [("exp_avg" in opt.state[p]) for p in ps] == [("exp_avg" in other.state[p]) for p in ps]
+
+
+def test_blocks_match_a_float64_reference_of_the_authors_block_optimizer():
+    # FRUGAL's BlockOptimizer (descending order, as its LLaMA scripts use): every gap steps all blocks
+    # are reset and round(density * n) of them, counted down from the last, get fresh Adam state; the
+    # active ones move by Adam with lr * proj_params_lr_scale, the others by signSGD with
+    # lr * proj_params_lr_scale * inactive_lr_scale. Decay first, on all of them.
+    lr, wd, eps, (b1, b2), gap, pls, ils = 1e-2, 0.1, 1e-6, (0.9, 0.999), 2, 0.5, 0.3
+    shapes = [(6, 4), (5, 3), (4, 4), (3, 7), (2, 5)]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    grads = [[torch.randn(s, generator=torch.Generator().manual_seed(100 * t + i)) * 1e-4
+              for i, s in enumerate(shapes)] for t in range(7)]
+    ours = [torch.nn.Parameter(w.clone()) for w in start]
+    opt = FrugalAdamW([{"params": ours, "density": 0.4}], lr=lr, weight_decay=wd, eps=eps, betas=(b1, b2),
+                      proj_type="blocks", block_order="descending", update_gap=gap, proj_params_lr_scale=pls,
+                      inactive_lr_scale=ils)
+    drive(ours, opt, grads)
+
+    ws, n, k, start_block = [w.double().clone() for w in start], len(shapes), round(0.4 * len(shapes)), None
+    states = [None] * n
+    for t, gs in enumerate(grads):
+        if t % gap == 0:  # _update_states: deactivate all, activate k counted down from next_block_start
+            start_block = n - 1 if start_block is None else (start_block - k) % n
+            active = {(start_block - j) % n for j in range(k)}
+            states = [dict(step=0, m=torch.zeros_like(w), v=torch.zeros_like(w)) if i in active else None
+                      for i, w in enumerate(ws)]
+        for i, (W, G) in enumerate(zip(ws, gs)):
+            G = G.double()
+            W.mul_(1 - lr * wd)
+            st = states[i]
+            if st is None:
+                W.add_(-lr * pls * ils * torch.sign(G))
+                continue
+            st["step"] += 1
+            st["m"] = b1 * st["m"] + (1 - b1) * G
+            st["v"] = b2 * st["v"] + (1 - b2) * G * G
+            denom = st["v"].sqrt() / (1 - b2 ** st["step"]) ** 0.5 + eps
+            W.add_(-(lr * pls / (1 - b1 ** st["step"])) * st["m"] / denom)
+    for a, e, s0 in zip(ours, ws, start):
+        change, expected = a.detach().double() - s0.double(), e - s0.double()
+        assert (change - expected).norm() / expected.norm() < 1e-4  # fp32 weights: ~2e-5 of rounding
