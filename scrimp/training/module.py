@@ -103,6 +103,7 @@ class CausalLMModule(L.LightningModule):
         self._val_sum = 0.0
         self._val_tokens = 0
         self.last_val_step = -1  # optimizer step of the last full validation
+        self._worst_loss = None  # the first non-finite training loss since the last step, else the latest
 
     # -- optimizer -------------------------------------------------------------------------
     def build_optimizer(self):
@@ -165,20 +166,24 @@ class CausalLMModule(L.LightningModule):
             )
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Refuse a step whose gradients hold inf/NaN although the loss was finite (an overflow in
-        backward): one fused max-abs norm per tensor, one host read per device. fp16 mixed precision
-        is left to its GradScaler, which skips such steps and lowers the scale by design. Layer-wise
-        optimizers have stepped inside backward already, and zeroth-order ones have no gradients."""
-        if getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None:
-            return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return
+        """Refuse a step whose loss (any micro-batch's) or gradients hold inf/NaN, before the optimizer
+        writes them into the weights: one fused max-abs norm per gradient and one host read per
+        device, after backward, so the forward and backward launches never wait on the host. fp16
+        mixed precision leaves the gradients to its GradScaler, which skips such steps and lowers its
+        scale by design. Layer-wise optimizers step inside backward (their loss is checked before
+        it), zeroth-order ones have no gradients."""
+        worst_loss, self._worst_loss = self._worst_loss, None
+        scaled = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None
+        grads = [] if scaled else [p.grad for p in self.parameters() if p.grad is not None]
         # The max-abs norm is finite for any finite tensor in any dtype (an fp16 L2 norm can overflow).
-        norms = torch._foreach_norm(grads, float("inf"))
-        devices = {n.device for n in norms}
-        if all(bool(torch.stack([n for n in norms if n.device == d]).isfinite().all()) for d in devices):
+        norms = torch._foreach_norm(grads, float("inf")) if grads else []
+        flags = [torch.stack([n for n in norms if n.device == d]).isfinite().all() for d in {n.device for n in norms}]
+        if worst_loss is not None:
+            flags.append(torch.isfinite(worst_loss))
+        if all(bool(flag) for flag in flags):
             return
+        if worst_loss is not None:
+            self._check_finite(worst_loss, "training")
         bad = next((name for name, p in self.named_parameters()
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a parameter")
         raise FloatingPointError(
@@ -192,7 +197,12 @@ class CausalLMModule(L.LightningModule):
         lr = self._current_lr()  # the lr this step uses (manual modes step the scheduler inside)
         if self.mode == "automatic":
             loss = self(input_ids)
-            self._check_finite(loss, "training")
+            # Checked with the gradients in on_before_optimizer_step (one host read per step); a
+            # non-finite loss of any micro-batch is kept until then, without a sync here.
+            worst = loss.detach()
+            if self._worst_loss is not None:
+                worst = torch.where(torch.isfinite(self._worst_loss), worst, self._worst_loss)
+            self._worst_loss = worst
         elif self.mode == "zeroth_order":
             loss = self._zeroth_order_step(input_ids)
         else:

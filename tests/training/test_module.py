@@ -203,3 +203,21 @@ def test_gradient_check_reads_fp16_norms_safely_and_leaves_fp16_amp_to_its_scale
         module.on_before_optimizer_step(None)
     module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))  # fp16-mixed: its job
     module.on_before_optimizer_step(None)
+
+
+def test_a_nan_loss_stops_the_automatic_path_before_its_step():
+    import lightning as L
+
+    def fit(module, steps):
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+        blocks = [{"input_ids": b} for b in torch.randint(0, 64, (4, 2, 16), generator=torch.Generator().manual_seed(0))]
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(blocks, batch_size=None))
+
+    failing = _NaNOnThirdBatch("llama_tiny", {"name": "adamw"}, vocab_size=64, grad_clip=None, total_steps=4)
+    with pytest.raises(FloatingPointError, match="the training loss is nan; stopping before it reaches the weights"):
+        fit(failing, 4)
+    reference = CausalLMModule("llama_tiny", {"name": "adamw"}, vocab_size=64, grad_clip=None, total_steps=4)
+    fit(reference, 2)  # the two steps before the NaN batch
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, failing.state_dict()[key]), key
