@@ -197,6 +197,7 @@ def layerwise(
             groups = params
         else:
             groups = [{"params": [p for p in params if p.requires_grad]}]
+    groups = list(groups)  # a generator is read once
     for index, group in enumerate(groups):
         if not isinstance(group, dict) or "params" not in group:
             raise ValueError(f"groups[{index}] must be a dict with a 'params' list, got {group!r:.80}")

@@ -179,17 +179,21 @@ class CausalLMModule(L.LightningModule):
         norms = torch._foreach_norm(grads, float("inf")) if grads else []
         flags = [torch.stack([n for n in norms if n.device == d]).isfinite().all() for d in {n.device for n in norms}]
         if worst_loss is not None:
-            flags.append(torch.isfinite(worst_loss))
-        if all(bool(flag) for flag in flags):
+            flags.append(torch.isfinite(worst_loss).all())
+        if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):  # the one host read
             return
         if worst_loss is not None:
             self._check_finite(worst_loss, "training")
         bad = next((name for name, p in self.named_parameters()
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a parameter")
         raise FloatingPointError(
-            f"the gradient of {bad} holds inf or NaN although the loss is finite; stopping before the optimizer "
-            "step writes it into the weights (lower optim.lr, or train in a wider dtype)"
+            f"the gradient of {bad} holds inf or NaN although the loss is finite (here; under DDP another rank's may "
+            "not be); stopping before the optimizer step writes it into the weights (lower optim.lr, or train in a "
+            "wider dtype)"
         )
+
+    def on_train_start(self) -> None:
+        self._worst_loss = None  # a fit stopped inside an accumulation window must not fail the next one
 
     def training_step(self, batch, batch_idx):
         input_ids = batch["input_ids"]

@@ -80,12 +80,13 @@ def check_model_name(name: str) -> None:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int, or a float with an integral value (``trainer.max_steps=10.0`` trains 10 steps)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
 
 
 def check_trainer(trainer_cfg: DictConfig, checkpoint_cfg=None) -> None:
-    """One sentence for step counts Lightning would refuse with a traceback, and for a GPU trainer
-    on a machine without CUDA."""
+    """One sentence for step and checkpoint counts that Lightning or the schedule would refuse with
+    a traceback, and for a GPU trainer on a machine without CUDA."""
     max_steps = trainer_cfg.get("max_steps", -1)
     if not _is_int(max_steps) or not (max_steps == -1 or max_steps >= 1):
         raise ValueError(f"trainer.max_steps must be a positive integer (or -1: run by epochs), got {max_steps!r}")
@@ -96,8 +97,8 @@ def check_trainer(trainer_cfg: DictConfig, checkpoint_cfg=None) -> None:
     keep, every = checkpoint_cfg.get("keep", 1), checkpoint_cfg.get("every_n_steps", 100)
     if not _is_int(keep) or keep < -1:
         raise ValueError(f"checkpoint.keep must be an integer >= 0, or -1 to keep every checkpoint, got {keep!r}")
-    if not _is_int(every) or every < 1:
-        raise ValueError(f"checkpoint.every_n_steps must be an integer >= 1, got {every!r}")
+    if not _is_int(every) or every < 0:
+        raise ValueError(f"checkpoint.every_n_steps must be an integer >= 0 (0: only last.ckpt), got {every!r}")
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(

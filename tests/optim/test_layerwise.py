@@ -221,3 +221,9 @@ def test_bad_groups_and_state_dicts_are_one_sentence():
     opt = layerwise(model, lambda gs: GaLoreAdamW(gs), groups=groups)
     with pytest.raises(ValueError, match="state_dict is not a layer-wise optimizer's"):
         opt.load_state_dict({})
+
+
+def test_groups_given_as_a_generator_are_read_once():
+    model, groups = model_and_groups(rank=3)
+    opt = layerwise(model, lambda gs: GaLoreAdamW(gs), groups=(g for g in groups))
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

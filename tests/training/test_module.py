@@ -221,3 +221,10 @@ def test_a_nan_loss_stops_the_automatic_path_before_its_step():
     fit(reference, 2)  # the two steps before the NaN batch
     for key, value in reference.state_dict().items():
         assert torch.equal(value, failing.state_dict()[key]), key
+
+
+def test_a_loss_left_from_a_fit_stopped_mid_window_does_not_fail_the_next_fit():
+    module = CausalLMModule("llama_tiny", {"name": "adamw"}, vocab_size=64)
+    module._worst_loss = torch.tensor(float("nan"))  # as a fit stopped inside an accumulation window leaves it
+    module.on_train_start()
+    module.on_before_optimizer_step(None)  # no gradients, no pending loss: nothing to refuse

@@ -219,7 +219,7 @@ def test_train_metrics_reach_the_logger_every_n_steps_and_at_the_last_step(small
     ("trainer.max_steps=-5", r"^trainer.max_steps must be a positive integer \(or -1: run by epochs\), got -5$"),
     ("trainer.max_steps=0", r"^trainer.max_steps must be a positive integer"),
     ("checkpoint.keep=-5", r"^checkpoint.keep must be an integer >= 0, or -1"),
-    ("checkpoint.every_n_steps=0", r"^checkpoint.every_n_steps must be an integer >= 1"),
+    ("checkpoint.every_n_steps=-1", r"^checkpoint.every_n_steps must be an integer >= 0 \(0: only last.ckpt\)"),
     ("trainer.accumulate_grad_batches=0", r"^trainer.accumulate_grad_batches must be an integer >= 1"),
 ])
 def test_step_counts_lightning_would_refuse_with_a_traceback_are_one_sentence(small_cfg, tmp_path, override, message):

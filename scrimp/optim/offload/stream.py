@@ -314,17 +314,19 @@ class ParameterStreamer:
         Applies the previous step's update to every block as it passes, then runs all perturbed
         copies (+eps/-eps for each query) of the batch through the model in one pass.
         """
-        if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long
-                or input_ids.shape[1] < 2 or input_ids.shape[0] < 1):
+        integer = isinstance(input_ids, torch.Tensor) and not input_ids.is_floating_point() \
+            and not input_ids.is_complex() and input_ids.dtype != torch.bool
+        if not integer or input_ids.dim() != 2 or input_ids.shape[1] < 2 or input_ids.shape[0] < 1:
             shown = f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
                 else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a 2-D LongTensor (batch, sequence) with at least 2 tokens per row "
-                             f"(the loss predicts the next token), got {shown}")
-        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+            raise ValueError(f"input_ids must be a 2-D integer tensor (batch, sequence) with at least 2 tokens per "
+                             f"row (the loss predicts the next token), got {shown}")
+        embeddings = getattr(self.model, "get_input_embeddings", lambda: None)()
+        vocab = getattr(embeddings, "num_embeddings", None)
         if vocab is not None:
             low, high = (int(v) for v in torch.aminmax(input_ids))
             if low < 0 or high >= vocab:
-                raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocab_size), got values in "
+                raise ValueError(f"input_ids must lie in [0, {vocab}) (the rows of the input embedding), got values in "
                                  f"[{low}, {high}]")
         labels = (input_ids if labels is None else labels).to(self.device)  # a custom loss_fn gets them beside the logits
         opt = self.optimizer

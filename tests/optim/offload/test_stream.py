@@ -153,7 +153,7 @@ def test_bad_batches_are_one_sentence_before_any_block_moves(tiny):
     streamer = ParameterStreamer(model, ZOSGD(model.parameters(), lr=1e-3, eps=1e-3), device="cpu")
     good = _batch(0)
     before = [p.detach().clone() for p in model.parameters()]
-    for bad, message in [(good.float(), "2-D LongTensor"), (good[:, :1], "at least 2 tokens"),
+    for bad, message in [(good.float(), "2-D integer tensor"), (good[:, :1], "at least 2 tokens"),
                          (good + model.config.vocab_size, "must lie in \\[0, ")]:
         with pytest.raises(ValueError, match=message):
             streamer.step(bad)
