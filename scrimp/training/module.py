@@ -180,10 +180,21 @@ class CausalLMModule(L.LightningModule):
         flags = [torch.stack([n for n in norms if n.device == d]).isfinite().all() for d in {n.device for n in norms}]
         if worst_loss is not None:
             flags.append(torch.isfinite(worst_loss).all())
-        if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):  # the one host read
+        if not flags:
+            return
+        bad = ~torch.stack([f.to(flags[0].device) for f in flags]).all()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Every rank must stop together: a loss that is inf on one rank alone (its gradients
+            # finite after the all-reduce) would leave the others waiting in the next collective.
+            bad = trainer.strategy.reduce(bad.float(), reduce_op="max") > 0
+        if not bool(bad):  # the one host read
             return
         if worst_loss is not None:
             self._check_finite(worst_loss, "training")
+        if not any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in self.parameters()):
+            raise FloatingPointError("another rank's training loss or gradients hold inf or NaN; stopping with it "
+                                     "before the optimizer step writes them into the weights")
         bad = next((name for name, p in self.named_parameters()
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a parameter")
         raise FloatingPointError(

@@ -228,3 +228,40 @@ def test_a_loss_left_from_a_fit_stopped_mid_window_does_not_fail_the_next_fit():
     module._worst_loss = torch.tensor(float("nan"))  # as a fit stopped inside an accumulation window leaves it
     module.on_train_start()
     module.on_before_optimizer_step(None)  # no gradients, no pending loss: nothing to refuse
+
+
+_DDP_INF_ON_ONE_RANK = '''
+import sys, torch, lightning as L
+from scrimp.training.module import CausalLMModule
+
+class M(CausalLMModule):
+    def forward(self, input_ids):
+        loss = super().forward(input_ids)
+        # rank 1 alone sees an infinite loss whose gradients stay finite
+        return loss + float("inf") if self.global_rank == 1 and self.batches_seen == 2 else loss
+
+blocks = [{"input_ids": b} for b in torch.randint(0, 64, (8, 2, 16), generator=torch.Generator().manual_seed(0))]
+module = M("llama_tiny", {"name": "adamw"}, vocab_size=64, grad_clip=None, total_steps=4)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+try:
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(blocks, batch_size=None))
+    print(f"rank {trainer.global_rank}: finished", flush=True)
+except FloatingPointError as err:
+    print(f"rank {trainer.global_rank}: stopped: {err}", flush=True)
+'''
+
+
+def test_ddp_ranks_stop_together_when_one_ranks_loss_alone_is_infinite(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_inf.py"
+    script.write_text(_DDP_INF_ON_ONE_RANK)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, done.stdout + done.stderr[-2000:]
+    assert lines[0].startswith("rank 0: stopped: another rank's training loss")
+    assert lines[1].startswith("rank 1: stopped: the training loss is inf")
