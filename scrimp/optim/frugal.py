@@ -13,7 +13,7 @@ names and are translated to the engine's group keys:
     proj_params_lr_scale    -> scale, and a factor of the state-free lr too
     inactive_lr_scale       -> residual_lr_scale = inactive_lr_scale * proj_params_lr_scale
     reset_statistics        -> reset the moments at each subspace change
-    block_order             -> block_order (random/ascending/descending)
+    block_order             -> block_order (random/ascending/descending/mirror)
 
 The update is FRUGAL's (``frugal/proj_optimizer_templates.py`` of the authors' code): the state-full
 part moves with lr * proj_params_lr_scale, the state-free part with lr * proj_params_lr_scale *
@@ -74,6 +74,8 @@ def frugal_group(group: dict, defaults: dict[str, Any]) -> dict:
     side = merged.pop("proj_side")
     merged["projector"], merged["proj_type"] = (
         ("randperm", _COORDINATE_SIDES[proj_type]) if proj_type in _COORDINATE_SIDES else (proj_type, side))
+    # FRUGAL's CoordinateProjector (columns, rows, randk) takes int(d * n); its GaLoreProjector round(d * n).
+    merged["density_rounding"] = "floor" if proj_type in (*_COORDINATE_SIDES, "randk") else "round"
     for old, new in _RENAMES.items():
         merged[new] = merged.pop(old)
     # FRUGAL scales the state-free lr by proj_params_lr_scale too (inactive_lr = lr * both scales).

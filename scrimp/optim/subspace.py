@@ -52,8 +52,10 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "power_iters": 2,
     "block_order": "ascending",
+    "density_rounding": "round",
 }
-BLOCK_ORDERS = ("ascending", "descending", "random")
+BLOCK_ORDERS = ("ascending", "descending", "random", "mirror")
+DENSITY_ROUNDINGS = ("round", "floor")
 GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay", "eps_style", *PROJECTION_DEFAULTS, "rank", "density")
 SPARSE_GRADIENTS = ("SubspaceAdamW does not support sparse gradients (nn.Embedding(sparse=True)); use dense "
                     "gradients or torch.optim.SparseAdam for those parameters")
@@ -84,25 +86,28 @@ def subspace_dim(kind: str, shape: tuple[int, int], side: str) -> int:
     return min(m, n)
 
 
-def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None, density: float | None) -> tuple[str, int]:
+def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None, density: float | None,
+                 rounding: str = "round") -> tuple[str, int]:
     """Map (projector kind, rank or density) to the effective kind and subspace size of one weight.
 
     Density ``d`` selects ``round(d * dim)`` directions (entries for ``randk``), where ``dim`` is the
     size of the projected side (m for left, n for right), as FRUGAL's GaLoreProjector counts; a
     spectral basis holds at most min(m, n) vectors. A full selection becomes ``full`` (plain
     Adam, so FRUGAL with density 1 is AdamW), an empty one ``none``. An explicit ``rank`` is in
-    directions; for ``randk`` it means ``rank * max(m, n)`` entries.
+    directions; for ``randk`` it means ``rank * max(m, n)`` entries. ``rounding="floor"`` takes
+    ``int(d * dim)`` instead, as FRUGAL's coordinate projector does.
     """
+    to_size = round if rounding == "round" else math.floor
     m, n = shape
     if kind in ("blocks", "full", "none"):
         return kind, 0
     if kind == "randk":
         total = m * n
-        size = round(density * total) if rank is None else rank * max(m, n)
+        size = to_size(density * total) if rank is None else rank * max(m, n)
     else:
         total = subspace_dim(kind, shape, side)
         side_dim = {"rows": m, "columns": n}.get(kind, m if side == "left" else n)
-        size = round(density * side_dim) if rank is None else rank
+        size = to_size(density * side_dim) if rank is None else rank
     if size >= total:
         return "full", 0
     if size <= 0:
@@ -150,6 +155,8 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
         raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
     if group["block_order"] not in BLOCK_ORDERS:
         raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {group['block_order']!r}")
+    if group["density_rounding"] not in DENSITY_ROUNDINGS:
+        raise ValueError(f"density_rounding must be one of {DENSITY_ROUNDINGS}, got {group['density_rounding']!r}")
     kind, proj_type = group["projector"], group["proj_type"]
     if kind not in PROJECTORS:
         raise ValueError(f"projector must be one of {PROJECTORS}, got {kind!r}")
@@ -167,6 +174,12 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     if kind == "blocks" and density is None:
         raise ValueError("projector 'blocks' needs density in (0, 1] (the fraction of parameters kept active)")
+    if kind == "blocks" and group["block_order"] == "mirror" and group["params"]:
+        n = len(group["params"])
+        k = max(1, round(density * n))
+        if n < 2 or k % 2:
+            raise ValueError(f"block_order 'mirror' activates blocks in pairs, so round(density * n) must be even "
+                             f"with n >= 2; got {k} of n = {n} parameters")
     min_rank = 0 if allow_empty_subspace else 1
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < min_rank):
         raise ValueError(f"rank must be an integer >= {min_rank}, got {rank!r}")
@@ -290,6 +303,7 @@ def _with_added_keys(group: dict) -> dict:
     group = {"eps_style": "hf", **group}
     if is_projected_group(group):
         group.setdefault("block_order", "ascending")
+        group.setdefault("density_rounding", "round")
     return group
 
 
@@ -379,7 +393,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
             return proj
         shape = (p.shape[0], p.shape[1])
         side = choose_side(shape, group["proj_type"])
-        kind, rank = resolve_rank(group["projector"], shape, side, group.get("rank"), group.get("density"))
+        kind, rank = resolve_rank(group["projector"], shape, side, group.get("rank"), group.get("density"),
+                                  group["density_rounding"])
         state = self.state[p]
         if "proj_offset" in state:
             offset = state["proj_offset"]
@@ -584,7 +599,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
         The active set changes every ``update_proj_gap`` steps, in FRUGAL's ``block_order``s
         (BlockOptimizer of the authors' code; BAdam, Luo et al., 2024): "ascending" moves a window
         of consecutive parameters forward from the first, "descending" backward from the last,
-        "random" draws a seeded subset per cycle (the same on every device and after a resume).
+        "random" draws a seeded subset per cycle (the same on every device and after a resume),
+        "mirror" pairs the j-th parameter from the front with the j-th from the back and moves k/2
+        such pairs forward per cycle.
         """
         params = group["params"]
         n = len(params)
@@ -595,6 +612,10 @@ class SubspaceAdamW(torch.optim.Optimizer):
             return (index - cycle * k) % n < k
         if order == "descending":
             return (n - 1 - cycle * k - index) % n < k
+        if order == "mirror":
+            half, pairs = n // 2, k // 2
+            front = {(cycle * pairs + j) % half for j in range(pairs)}
+            return index in front or n - 1 - index in front
         key = (cycle, n, k, group["seed"])
         if self._random_blocks.get(id(params), (None,))[0] != key:
             chosen = torch.randperm(n, generator=seeded_generator(mix_seed(group["seed"], cycle)))[:k]

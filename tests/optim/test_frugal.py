@@ -337,3 +337,22 @@ def test_blocks_match_a_float64_reference_of_the_authors_block_optimizer():
     for a, e, s0 in zip(ours, ws, start):
         change, expected = a.detach().double() - s0.double(), e - s0.double()
         assert (change - expected).norm() / expected.norm() < 1e-4  # fp32 weights: ~2e-5 of rounding
+
+
+def test_coordinate_sizes_round_down_as_frugal_does():
+    # FRUGAL's CoordinateProjector takes int(n * density) columns / entries; its GaLoreProjector round(...).
+    W = torch.nn.Parameter(torch.randn(6, 30))
+    sizes = {}
+    for proj_type in ("columns", "randk", "randperm"):
+        opt = FrugalAdamW([{"params": [W], "density": 0.26}], proj_type=proj_type, inactive_update_rule="no")
+        W.grad = torch.randn(6, 30)
+        opt.step()
+        sizes[proj_type] = opt.state[W]["exp_avg"].numel()
+    assert sizes == {"columns": 6 * 7, "randk": 46, "randperm": 2 * 30}  # int(7.8), int(46.8), round(1.56) rows
+
+
+def test_mirror_block_order_pairs_the_front_with_the_back():
+    active, _ = active_blocks(6, 4 / 6, "mirror", 6)  # FRUGAL's mirror: k/2 pairs (j, n-1-j), moving forward
+    assert active == [[0, 1, 4, 5], [0, 1, 4, 5], [0, 2, 3, 5], [0, 2, 3, 5], [1, 2, 3, 4], [1, 2, 3, 4]]
+    with pytest.raises(ValueError, match="block_order 'mirror' activates blocks in pairs"):
+        active_blocks(5, 0.6, "mirror", 1)
