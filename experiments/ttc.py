@@ -22,7 +22,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from scrimp.allocators.checks import check_choice, check_integer
+from scrimp.checks import check_choice, check_integer
 from scrimp.ttc.allocate import POLICIES, check_budget
 from scrimp.ttc.crossfit import (
     candidate_params,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scrimp.allocators.checks import check_integer
+from scrimp.checks import check_integer
 
 # Work (items x options x budget cells) and table bytes above which `auto` avoids the DP.
 DP_MAX_WORK = 3e8

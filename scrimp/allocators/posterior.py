@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from scrimp.allocators.checks import check_integer
 from scrimp.allocators.utility import (
     MAJORITY_EXACT_MAX_K,
     _counts,
@@ -25,6 +24,7 @@ from scrimp.allocators.utility import (
     majority_table,
     tabulated_in_k,
 )
+from scrimp.checks import check_integer
 
 
 def _non_negative(x, name: str) -> np.ndarray:

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from scrimp.allocators.checks import check_integer, is_integer
+from scrimp.checks import check_integer, is_integer
 
 # Default largest k computed exactly by `majority`; above it, the Poissonized approximation.
 MAJORITY_EXACT_MAX_K = 64

@@ -33,7 +33,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .subspace import PROJECTION_DEFAULTS, SubspaceAdamW, check_number, validate_group
+from scrimp.checks import check_number
+
+from .subspace import PROJECTION_DEFAULTS, SubspaceAdamW, validate_group
 
 FRUGAL_PROJ_TYPES = ("svd", "random", "randperm", "randk", "rows", "columns", "blocks")
 INACTIVE_RULES = {"sign_sgd": "sign_sgd", "sgd": "sgd", "no": None}
@@ -66,7 +68,7 @@ def frugal_group(group: dict, defaults: dict[str, Any]) -> dict:
     if proj_type not in FRUGAL_PROJ_TYPES:
         raise ValueError(f"proj_type must be one of {FRUGAL_PROJ_TYPES}, got {proj_type!r}")
     for name in ("inactive_lr_scale", "proj_params_lr_scale"):
-        check_number(name, merged[name])
+        check_number(name, merged[name], low=0)
     rule = merged.pop("inactive_update_rule")
     if rule not in INACTIVE_RULES:
         raise ValueError(f"inactive_update_rule must be one of {tuple(INACTIVE_RULES)}, got {rule!r}")

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from scrimp.checks import check_number, is_real
+
 from . import functional as F
 from .projection import (
     COORDINATE,
@@ -115,19 +117,10 @@ def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None,
     return kind, int(size)
 
 
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_number(key: str, value: Any) -> None:
-    if not (_is_real(value) and value >= 0):
-        raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
-
-
 def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
     """Raise one clear ValueError for a bad hyper-parameter of ``group`` before any step runs."""
     for key in ("lr", "eps", "weight_decay"):
-        check_number(key, group[key])
+        check_number(key, group[key], low=0)
     if group["eps"] == 0:
         raise ValueError("eps must be a finite number > 0 (Adam divides by sqrt(v) + eps, and v is 0 where a "
                          "gradient entry is 0), got 0")
@@ -135,7 +128,7 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
         raise ValueError(f"eps_style must be one of {F.EPS_STYLES}, got {group['eps_style']!r}")
     betas = group["betas"]
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
+            or not all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
     for p in group["params"]:
         if not p.is_floating_point() or p.is_complex():
@@ -144,7 +137,7 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
     if not is_projected_group(group):
         return
     for key in ("scale", "residual_lr_scale"):
-        check_number(key, group[key])
+        check_number(key, group[key], low=0)
     for key in ("stagger", "reset_statistics"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key} must be True or False, got {group[key]!r}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scrimp.allocators.checks import check_choice, check_integer, check_number, is_real
+from scrimp.checks import check_choice, check_integer, check_number, is_real
 from scrimp.ttc.evaluate import maj_at_k, plurality
 from scrimp.ttc.generate import Generator, ReplayPrompt, Sample
 from scrimp.ttc.stopping import RULES, answer_counts, beta_confidence, cap_majority_probability, should_stop

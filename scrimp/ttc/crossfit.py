@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scrimp.allocators.checks import check_choice, check_integer, is_integer
+from scrimp.checks import check_choice, check_integer, is_integer
 from scrimp.ttc.allocate import (
     POLICIES,
     BudgetBelowPilot,

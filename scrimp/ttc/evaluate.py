@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from scrimp.allocators.checks import check_integer
+from scrimp.checks import check_integer
 
 
 def _check_nk(n: int, k: int) -> None:

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from scrimp.allocators.checks import is_integer
+from scrimp.checks import is_integer
 from scrimp.ttc.verify import extract_answer, normalize_answer
 
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from scrimp.allocators.checks import check_integer, check_number
+from scrimp.checks import check_integer, check_number
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(64)
 

@@ -14,12 +14,12 @@ that ZO2-style streaming (``scrimp.optim.offload.stream``) applies block by bloc
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 
+from scrimp.checks import check_integer, check_number, is_integer
 from scrimp.optim.zo.perturbation import hook_perturbation, inplace_perturb_, mix_seed
 from scrimp.optim.zo.rules import AdamRule, Plan, SGDRule
 from scrimp.optim.zo.rules import momentum_window as window_for_momentum
@@ -63,17 +63,12 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         perturbation: str = "hook",
         query_allocator: Callable | None = None,
     ):
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps (the perturbation scale) must be a finite number > 0, got {eps!r}")
-        if (not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool)
-                or not math.isfinite(weight_decay) or weight_decay < 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        check_number("lr", lr, low=0)
+        check_number("eps (the perturbation scale)", eps, low=0, open_low=True)
+        check_number("weight_decay", weight_decay, low=0)
+        if not is_integer(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
-            raise ValueError(f"n_queries must be an integer >= 1, got {n_queries!r}")
+        check_integer("n_queries", n_queries, 1)
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
         if query_allocator is not None and not callable(query_allocator):

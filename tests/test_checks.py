@@ -1,11 +1,11 @@
-"""scrimp.allocators.checks: one sentence per bad scalar; NumPy numbers are numbers, bools are not."""
+"""scrimp.checks: one sentence per bad scalar; NumPy numbers are numbers, bools are not."""
 
 import math
 
 import numpy as np
 import pytest
 
-from scrimp.allocators.checks import check_choice, check_integer, check_number, is_integer, is_real
+from scrimp.checks import check_choice, check_integer, check_number, is_integer, is_real
 
 
 def test_numpy_scalars_are_numbers_and_bools_are_not():

@@ -1,4 +1,4 @@
-"""One-sentence checks of scalar arguments, shared by ``scrimp.allocators`` and ``scrimp.ttc``.
+"""One-sentence checks of scalar arguments, shared by ``scrimp.optim``, ``scrimp.allocators`` and ``scrimp.ttc``.
 
 Bad input gets one clear sentence naming the parameter and what is allowed, before any work starts.
 Python and NumPy integers and reals are accepted alike; booleans are not numbers here.
