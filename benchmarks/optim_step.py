@@ -1,4 +1,5 @@
 # Run: flock /tmp/scrimp-bench.lock .venv/bin/python benchmarks/optim_step.py --sizes 60m,1b --steps-1b 25
+# Guard cost only: flock /tmp/scrimp-bench.lock .venv/bin/python benchmarks/optim_step.py --names none --guard-steps 40
 """Optimizer step time and state bytes, side by side, at the GaLore paper's LLaMA weight shapes.
 
 Setup (GaLore, Zhao et al., 2024, Table 8 shapes): LLaMA-60M (d 512, 8 layers, FFN 1376,
@@ -22,6 +23,12 @@ refresh at step 200 and every staggered refresh of ours are inside the window) u
 change on a shared machine hits all of them alike; at the 1B shapes (or with ``--sequential``)
 they run one after another so that only one state is alive. ``--layers-1b N`` keeps N of the 24 LLaMA-1B blocks (plus embeddings/head) so
 the run fits in memory and time; the table says what ran.
+
+``--guard-steps N`` adds the cost of ``check_finite`` (on by default in scrimp's optimizers: one
+reduction per gradient and one host read per step), side by side: scrimp GaLoreAdamW and
+FrugalAdamW each with the guard on and off, and the guard alone, all at the same shapes and
+gradients, timed in rotating order step by step for N steps after one warm-up step (which holds
+the projector refreshes), so that load changes hit every variant alike. Goal: on / off <= 1.02.
 """
 
 from __future__ import annotations
@@ -234,6 +241,64 @@ def bench_size(size: str, args, progress) -> tuple[str, list[Result]]:
     return label, results
 
 
+def guarded_optimizers(rank: int, gap: int):
+    """(name, make(params, check_finite)) of the scrimp optimizers whose guard is measured."""
+    def groups(projected, plain, **kw):
+        return [{"params": projected, **kw}, {"params": plain}]
+
+    return [
+        ("scrimp GaLoreAdamW", lambda a, b, check: GaLoreAdamW(
+            groups(a, b, rank=rank, update_proj_gap=gap, scale=0.25, proj_type="std"), lr=1e-3, check_finite=check)),
+        ("scrimp FrugalAdamW (randk)", lambda a, b, check: FrugalAdamW(
+            groups(a, b, rank=rank), lr=1e-3, weight_decay=0.0, update_gap=gap, proj_type="randk",
+            check_finite=check)),
+    ]
+
+
+def guard_cost(size: str, args, progress) -> str:
+    """The check_finite guard's share of a step, measured side by side (see the module doc)."""
+    from scrimp.optim.finite_guard import first_nonfinite
+
+    d, layers, ffn, vocab, rank = SIZES[size]
+    kept = layers if size != "1b" else min(args.layers_1b, layers)
+    proj_shapes, plain_shapes = llama_shapes(d, kept, ffn, vocab)
+    gen = torch.Generator().manual_seed(0)
+    projected = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in proj_shapes]
+    plain = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in plain_shapes]
+    params = projected + plain
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    variants = [("guard alone", lambda: first_nonfinite(grads))]
+    for name, make in guarded_optimizers(rank, args.gap):
+        for check in (True, False):
+            opt = make(projected, plain, check)
+            opt.step()  # warm-up: state allocation and every projector's first refresh
+            variants.append((f"{name}, check_finite={check}", opt.step))
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    task = progress.add_task(f"{size} guard", total=args.guard_steps * len(variants))
+    load_before = os.getloadavg()[0]
+    for t in range(args.guard_steps):
+        for i in range(len(variants)):
+            name, run = variants[(i + t) % len(variants)]
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+            progress.advance(task)
+    load_after = os.getloadavg()[0]
+    median = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    lines = [f"**check_finite cost, LLaMA-{size.upper()} shapes ({sum(p.numel() for p in params) / 1e6:.1f}M "
+             f"parameters, rank {rank}), {args.guard_steps} interleaved steps each after a warm-up step; 1-min load "
+             f"average {load_before:.1f} before, {load_after:.1f} after**", "",
+             "| optimizer | median step ms, guard on | median step ms, guard off | on / off (goal <= 1.02) | "
+             "guard alone ms | guard alone / step off |", "|---|---:|---:|---:|---:|---:|"]
+    for name, _ in guarded_optimizers(rank, args.gap):
+        on, off = median[f"{name}, check_finite=True"], median[f"{name}, check_finite=False"]
+        alone = median["guard alone"]
+        lines.append(f"| {name} | {on:.1f} | {off:.1f} | {on / off:.3f} | {alone:.1f} | {alone / off:.3f} |")
+    return "\n".join(lines)
+
+
 def markdown(label: str, results: list[Result]) -> str:
     ref = next((r for r in results if r.name.startswith("galore_torch")), None)
     adamw = next((r for r in results if r.name == "torch AdamW (foreach)"), None)
@@ -274,16 +339,22 @@ def main() -> None:
     parser.add_argument("--slow-steps-1b", type=int, default=3, help="steps for the 8-bit paths at the 1B shapes")
     parser.add_argument("--layers-1b", type=int, default=2, help="LLaMA-1B blocks to keep (of 24)")
     parser.add_argument("--only", default="", help="comma list of name fragments to run")
-    parser.add_argument("--names", default="", help="semicolon list of exact optimizer names to run")
+    parser.add_argument("--names", default="", help="semicolon list of exact optimizer names to run ('none': only "
+                        "the guard's table)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sequential", action="store_true", help="one optimizer at a time (always for 1b)")
+    parser.add_argument("--guard-steps", type=int, default=0,
+                        help="also measure check_finite's cost over this many interleaved steps (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     tables = []
     with Progress() as progress:
         for size in args.sizes.split(","):
-            tables.append(markdown(*bench_size(size, args, progress)))
+            if args.names != "none":
+                tables.append(markdown(*bench_size(size, args, progress)))
+            if args.guard_steps:
+                tables.append(guard_cost(size, args, progress))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("\n\n".join(tables))
 

@@ -17,12 +17,16 @@ from collections.abc import Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
+
+try:  # optional: Hydra scans this module even when the `sweep` extra is not installed
+    from optuna.distributions import (
+        BaseDistribution,
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+except ImportError:
+    BaseDistribution = CategoricalDistribution = FloatDistribution = IntDistribution = None
 
 
 def _is_int(x) -> bool:

@@ -11,6 +11,22 @@ and ``++optuna_trial.number=...``; the job (``scrimp.training.callbacks.OptunaPr
 loads the trial from the storage, reports intermediate values and raises ``optuna.TrialPruned``
 when the study's pruner says so. The job may run in another process or on another machine.
 
+Folders and study: by default both are named by the sweep's identity (its search config and a hash
+of the command line's overrides, ``config.sweep_identity``), and the sweep folder is held by one
+sweep process (an exclusive ``fcntl.flock``, ``scrimp.training.run_folder.FolderLock``): a second
+sweep of the same command is refused instead of failing the first one's running trial. A study
+named explicitly (``hydra.sweeper.study_name=...``) may be shared by several sweep processes on
+purpose (shared lock); its overrides must still match the ones it was created with.
+
+Killed trials: each sweep process holds a lock of its own (``<sweep dir>/.sweepers/<token>``) and
+tags the trials it asks with it. A RUNNING trial whose tag's lock no live process holds (and whose
+job folder is not held either) was left by a killed sweep: it is marked FAIL, tagged
+``scrimp_orphaned``, not counted toward ``n_trials``, and its parameters are enqueued so that the
+sweep runs the same point again. Why locks rather than Optuna's heartbeat: the OS releases a lock
+the moment its process dies, so a killed trial is recognized at once, without a grace period that
+would also have to exceed the longest pause of a live trial; heartbeats remain the tool for
+storages shared across machines that share no file system.
+
     python -m experiments.train -m hparams_search=galore_lr
 """
 
@@ -18,22 +34,36 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
-import optuna
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from optuna.trial import TrialState
 
+from hydra_plugins.scrimp_optuna_sweeper.config import sweep_identity
 from hydra_plugins.scrimp_optuna_sweeper.search_space import params_to_overrides, search_space
+from scrimp._extras import require
+
+# Hydra imports every plugin module when it scans for plugins, with or without `-m`: without the
+# `sweep` extra, this module must still import (Hydra would warn on every run otherwise); the sweeper
+# itself then refuses to start with the one sentence naming the extra.
+try:
+    import optuna
+    from optuna.trial import TrialState
+except ImportError:
+    optuna = TrialState = None
 
 log = logging.getLogger(__name__)
 _DIRECTIONS = ("minimize", "maximize")
 PRUNER_ATTR = "hydra_pruner"  # study user attribute holding the pruner's _target_ config
+IDENTITY_ATTR = "scrimp_sweep"  # study user attribute: the search and overrides it was created with
+OWNER_ATTR = "scrimp_owner"  # trial user attribute: the lock folder of the sweep process that runs it
+ORPHAN_ATTR = "scrimp_orphaned"  # trial user attribute: failed because its sweep process was killed
+IDENTITY_FILE = "sweep_identity.yaml"
 
 
 def _directions(direction: Any) -> list[str]:
@@ -85,6 +115,7 @@ class ScrimpOptunaSweeper(Sweeper):
     def __init__(self, sampler: Any = None, pruner: Any = None, direction: Any = "minimize", storage: Any = None,
                  study_name: Any = None, n_trials: int = 20, n_jobs: int = 1, params: Any = None,
                  fail_fast: bool = True):
+        require("optuna", "the Optuna sweeper (hparams_search=...)")
         self.directions = _directions(direction)
         if int(n_trials) < 1 or int(n_jobs) < 1:
             raise ValueError(f"hydra.sweeper.n_trials and n_jobs must be >= 1, got {n_trials} and {n_jobs}")
@@ -98,6 +129,7 @@ class ScrimpOptunaSweeper(Sweeper):
         self.launcher = None
         self.job_idx = 0
         self._sampler_stopped = False
+        self.identity = sweep_identity(None, [])  # set from the command line in setup()
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -106,11 +138,14 @@ class ScrimpOptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        choices = config.hydra.runtime.get("choices") or {}
+        search = choices.get("hparams_search") or config.hydra.job.name  # an app without hparams_search/
+        self.identity = sweep_identity(search, list(config.hydra.overrides.get("task") or []))
 
     def _study(self) -> optuna.Study:
         url = self.storage_url or default_storage(self.sweep_dir)
         self.storage_url = url
-        name = self.study_name or str(self.config.hydra.job.name)
+        name = self.study_name or self.identity["id"]
         sampler = _maybe_instantiate(self.sampler)
         pruner = _maybe_instantiate(self.pruner)
         if len(self.directions) > 1 and pruner is not None:
@@ -118,6 +153,8 @@ class ScrimpOptunaSweeper(Sweeper):
             pruner = None
         study = optuna.create_study(study_name=name, storage=make_storage(url), sampler=sampler, pruner=pruner,
                                     directions=self.directions, load_if_exists=True)
+        self._check_identity(study.user_attrs.get(IDENTITY_ATTR), f"study {name!r} in {url}")
+        study.set_user_attr(IDENTITY_ATTR, self._identity_record(name))
         resumed = len(study.get_trials(deepcopy=False))
         # Hydra hands the sampler over already built (recursive instantiation); its config is in the
         # job's hydra.sweeper node (or in self.sampler when the sweeper is built by hand).
@@ -133,11 +170,90 @@ class ScrimpOptunaSweeper(Sweeper):
         pruner_cfg = self.config.hydra.sweeper.get("pruner")
         if pruner is not None and isinstance(pruner_cfg, DictConfig) and "_target_" in pruner_cfg:
             study.set_user_attr(PRUNER_ATTR, OmegaConf.to_container(pruner_cfg, resolve=True))
-        if self._storage_is_private():
-            # A sweep killed mid-trial leaves it RUNNING in its own SQLite file; close it as failed.
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                study.tell(trial.number, state=TrialState.FAIL)
+        self._fail_orphans(study)
         return study
+
+    # -- one sweep per folder, one identity per study ---------------------------------------------------
+    def _identity_record(self, study_name: str) -> dict:
+        return {"study_name": study_name, "search": self.identity["search"], "overrides": self.identity["overrides"],
+                "hash": self.identity["hash"]}
+
+    def _check_identity(self, recorded: Any, where: str) -> None:
+        """Refuse to add this sweep's trials to a study or folder made by a sweep with other overrides."""
+        if not recorded:
+            return
+        recorded = dict(recorded)
+        mine = self._identity_record(self.study_name or self.identity["id"])
+        if recorded.get("hash") == mine["hash"] and recorded.get("study_name") == mine["study_name"]:
+            return
+        raise ValueError(
+            f"{where} belongs to the sweep {recorded.get('study_name')!r} with overrides {recorded.get('overrides')}, "
+            f"not to this one ({mine['study_name']!r} with overrides {mine['overrides']}); use the same overrides "
+            "or another hydra.sweep.dir and hydra.sweeper.study_name (the default ones differ per search and overrides)"
+        )
+
+    def _hold_sweep_dir(self) -> None:
+        """Lock the sweep folder (shared only for an explicitly named study) and take this process's own
+        owner lock, which tags its trials; both are released by the OS if the process is killed."""
+        from scrimp.training.run_folder import FolderLock
+
+        explicit = self.study_name is not None
+        hint = ("choose another hydra.sweep.dir, or give the study a name (hydra.sweeper.study_name=...) to run "
+                "several sweep processes on one study on purpose")
+        self._locks = [FolderLock(self.sweep_dir, "hydra.sweep.dir", shared=explicit, hint=hint).acquire()]
+        marker = self.sweep_dir / IDENTITY_FILE
+        record = self._identity_record(self.study_name or self.identity["id"])
+        if marker.exists():
+            self._check_identity(OmegaConf.to_container(OmegaConf.load(marker)), f"{self.sweep_dir} ({IDENTITY_FILE})")
+        else:
+            OmegaConf.save(OmegaConf.create(record), marker)
+        self.owner_dir = self.sweep_dir / ".sweepers" / uuid.uuid4().hex
+        self._locks.append(FolderLock(self.owner_dir, "sweep owner folder").acquire())
+
+    def _release_sweep_dir(self) -> None:
+        import shutil
+
+        for lock in reversed(getattr(self, "_locks", [])):
+            lock.release()
+        if getattr(self, "owner_dir", None) is not None:
+            shutil.rmtree(self.owner_dir, ignore_errors=True)
+
+    def _owner_is_gone(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether no live process runs ``trial``: its owner's lock and its job folder's lock are free.
+
+        A trial of another machine (owner folder not visible here) is never taken for dead; one
+        without an owner tag (written before tags existed) only when this process holds the folder
+        exclusively and the storage is the folder's own SQLite file.
+        """
+        from scrimp.training.run_folder import is_locked
+
+        if is_locked(self.sweep_dir / str(trial.number)):
+            return False
+        owner = trial.user_attrs.get(OWNER_ATTR)
+        if owner is None:
+            return self.study_name is None and self._storage_is_private()
+        return Path(owner).is_dir() and not is_locked(Path(owner))
+
+    def _fail_orphans(self, study: optuna.Study) -> None:
+        """Mark trials left RUNNING by a killed sweep FAIL (not counted) and enqueue their points again."""
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not self._owner_is_gone(trial):
+                continue
+            try:
+                optuna.trial.Trial(study, trial._trial_id).set_user_attr(
+                    ORPHAN_ATTR, "its sweep process ended while it ran (killed); it does not count toward n_trials")
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (RuntimeError, ValueError):  # another sweep process closed it first
+                continue
+            study.enqueue_trial(trial.params, skip_if_exists=False)
+            log.warning(f"trial {trial.number} was left running by a killed sweep: marked failed, not counted "
+                        f"toward n_trials, and its parameters {trial.params} run again")
+
+    def _counted(self, study: optuna.Study) -> int:
+        """Trials toward ``n_trials``: finished ones but the orphans, and those other live sweeps run now."""
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state.is_finished() and ORPHAN_ATTR not in t.user_attrs for t in trials)
+        return finished + sum(t.state == TrialState.RUNNING for t in trials)
 
     def _storage_is_private(self) -> bool:
         """True for the default SQLite file in the sweep dir (no other machine runs its trials)."""
@@ -150,14 +266,28 @@ class ScrimpOptunaSweeper(Sweeper):
         space = {**config_space, **cli_space}  # the command line wins over the search config
         fixed_keys = {a.split("=", 1)[0].lstrip("+~") for a in fixed}
         fixed = [o for o in config_fixed if o.split("=", 1)[0].lstrip("+~") not in fixed_keys] + fixed
-        study = self._study()
-        done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-        remaining = self.n_trials - len(done)
-        log.info(f"study {study.study_name!r} in {self.storage_url}: {len(done)} finished, running {max(remaining, 0)} more")
+        try:
+            self._hold_sweep_dir()
+            study = self._study()
+        except ValueError as err:  # a folder in use, or a study of other overrides: one sentence, no trace
+            self._release_sweep_dir()
+            raise SystemExit(f"error: {err}") from None
+        try:
+            return self._sweep(study=study, space=space, fixed=fixed)
+        finally:
+            self._release_sweep_dir()
+
+    def _sweep(self, study: optuna.Study, space: dict, fixed: list[str]) -> optuna.Study:
+        counted = self._counted(study)
+        log.info(f"study {study.study_name!r} in {self.storage_url}: {counted} counted, "
+                 f"running {max(self.n_trials - counted, 0)} more")
         log.info("search space: " + ", ".join(f"{k}: {v}" for k, v in space.items()))
-        while remaining > 0:
+        # Recounted before each batch: trials of other sweep processes on a shared study count too.
+        while (remaining := self.n_trials - self._counted(study)) > 0:
             batch = min(self.n_jobs, remaining)
             trials = [study.ask(space) for _ in range(batch)]
+            for trial in trials:
+                trial.set_user_attr(OWNER_ATTR, str(self.owner_dir.resolve()))
             overrides = [tuple(fixed + params_to_overrides(t.params) + self._trial_overrides(study, t))
                          for t in trials]
             self.validate_batch_is_legal(overrides)
@@ -173,7 +303,6 @@ class ScrimpOptunaSweeper(Sweeper):
             self._sampler_stopped = False
             for trial, ret in zip(trials, returns):
                 self._tell(study, trial, ret)
-            remaining -= batch
             if self._sampler_stopped:
                 log.info("the sampler has exhausted its search space; the sweep ends here")
                 break

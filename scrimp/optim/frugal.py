@@ -94,8 +94,13 @@ class FrugalAdamW(SubspaceAdamW):
     ``prepare_proj_params`` does). ``density`` in (0, 1] is the fraction of directions (entries for randk,
     parameters for blocks) that keep Adam state; ``density=1`` is AdamW. ``rank`` gives the size directly;
     ``rank=0`` keeps no state (pure signSGD/SGD on the group). ``proj_side`` is GaLore's side
-    rule (std/reverse_std/left/right) for svd/random/randperm.
+    rule (std/reverse_std/left/right) for svd/random/randperm. ``check_finite`` (default True):
+    ``step()`` raises before any change when a gradient holds inf or NaN.
     """
+
+    # FRUGAL's names of the engine keys, for the sentences of load_state_dict.
+    setting_names = {"update_proj_gap": "update_gap", "projector": "proj_type", "proj_type": "proj_side",
+                     "residual": "inactive_update_rule"}
 
     def __init__(
         self,
@@ -119,6 +124,7 @@ class FrugalAdamW(SubspaceAdamW):
         seed: int = 0,
         eps_style: str = "torch",
         fused: bool | None = None,
+        check_finite: bool = True,
     ):
         defaults = dict(
             density=None if rank is not None else density, rank=rank, update_gap=update_gap, proj_type=proj_type,
@@ -140,4 +146,4 @@ class FrugalAdamW(SubspaceAdamW):
             groups = [g for g in (frugal_group({"params": matrices, "is_proj_params": True}, defaults),
                                   {"params": [p for p in params if p.dim() != 2]}) if g["params"]]
         super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_style=eps_style,
-                         fused=fused, allow_empty_subspace=True)
+                         fused=fused, allow_empty_subspace=True, check_finite=check_finite)

@@ -26,6 +26,10 @@ class GaLoreAdamW(SubspaceAdamW):
     Defaults follow galore-torch (lr 1e-3, betas (0.9, 0.999), eps 1e-6, no weight decay; group
     defaults update_proj_gap 200, scale 0.25, proj_type "std"). ``projector`` picks svd (default),
     gram (the same subspace from eigh of the fp32 Gram matrix: faster refreshes), rsvd or random; ``fused`` selects the Triton kernels (None: on CUDA when triton imports).
+    ``check_finite`` (default True): ``step()`` raises before any change when a gradient holds inf or NaN.
+    ``sign_rule`` ("align", "canonical" or "solver") fixes the signs of spectral bases so that a run
+    does not depend on the machine's LAPACK/cuSOLVER (``projection.orient_basis``); "solver" keeps the
+    solver's signs, which is galore-torch's behaviour, for exact parity with it on one machine.
     """
 
     def __init__(
@@ -43,8 +47,10 @@ class GaLoreAdamW(SubspaceAdamW):
         projector: str = "svd",
         stagger: bool = True,
         seed: int = 0,
+        sign_rule: str = "align",
         eps_style: str = "hf",
         fused: bool | None = None,
+        check_finite: bool = True,
         no_deprecation_warning: bool = True,
         _moments_8bit: bool = False,
     ):
@@ -52,9 +58,9 @@ class GaLoreAdamW(SubspaceAdamW):
             raise ValueError("correct_bias must be True: GaLoreAdamW always applies Adam's bias correction")
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_style=eps_style, fused=fused,
-            moments_8bit=_moments_8bit,
+            moments_8bit=_moments_8bit, check_finite=check_finite,
             update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=projector,
-            stagger=stagger, seed=seed,
+            stagger=stagger, seed=seed, sign_rule=sign_rule,
         )
 
 

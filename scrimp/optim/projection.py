@@ -33,6 +33,7 @@ otherwise (the smaller side gets the projector), ``reverse_std`` the opposite, `
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -128,18 +129,64 @@ def svd_basis(G: Tensor, rank: int, side: str) -> Tensor:
 
 
 def eigh_basis(G: Tensor, rank: int, side: str, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Top-``rank`` eigenvectors of G G^T (left) or G^T G (right), computed in ``dtype``.
+    """Top-``rank`` eigenvectors of G G^T (left) or G^T G (right), computed in ``dtype``, as fp32.
 
-    float64 is the fallback for a failed SVD; float32 is the ``gram`` projector. Eigenvectors are
-    sign-fixed (largest-magnitude entry positive) so that the basis does not depend on the solver's
-    sign convention.
+    float64 is the fallback for a failed SVD; float32 is the ``gram`` projector. Signs are the
+    solver's: ``orient_basis`` makes them reproducible.
     """
     A = G.to(dtype)
     gram = A @ A.t() if side == "left" else A.t() @ A
     _, vecs = torch.linalg.eigh(gram)
-    top = vecs[:, -rank:].flip(-1)
-    pivot = top.gather(0, top.abs().argmax(0, keepdim=True))
-    return (top * torch.where(pivot < 0, -1.0, 1.0).to(top.dtype)).float().contiguous()
+    return vecs[:, -rank:].flip(-1).float().contiguous()
+
+
+SIGN_RULES = ("align", "canonical", "solver")
+_SIGN_SEED = 0x5C1A9  # one fixed reference direction per dimension, the same on every device and run
+
+
+def sign_reference(dim: int, device: torch.device | str) -> Tensor:
+    """A fixed Gaussian (dim,) direction that decides the signs no previous basis decides."""
+    return seeded_gaussian((dim, 1), mix_seed(_SIGN_SEED, dim), device)[:, 0]
+
+
+def orient_basis(P: Tensor, previous: Tensor | None, rule: str) -> Tensor:
+    """``P`` with each column's sign chosen by ``rule``, so that the basis does not depend on the solver.
+
+    A singular vector is defined up to its sign, and LAPACK, cuSOLVER and different BLAS builds or
+    thread counts pick different ones for the same matrix, or for matrices that differ by rounding.
+    The projection itself does not care (P diag(s) gives the same P P^T), but the moments carried
+    across a refresh do: a flipped column flips the meaning of its row of ``exp_avg``, and every
+    later update changes. So a run was not reproducible across machines, and the fused and
+    unfused paths could disagree (issue 13).
+
+    - ``"canonical"``: column i gets the sign that makes ``<p_i, z> >= 0`` for a fixed seeded
+      Gaussian z (``sign_reference``). A random reference (not "largest entry positive" or "entries
+      sum to a positive number") because structured rules have structured ties: two entries of
+      almost equal magnitude, or a centred vector, are common in gradients, while ``<p_i, z>`` is
+      N(0, 1) for any unit p_i. Its sign flips under a perturbation dp only with probability about
+      |dp|, i.e. about 1e-6 for a basis perturbed by rounding.
+    - ``"align"`` (the default): as ``canonical`` at the first refresh; afterwards column i gets
+      the sign of ``<p_i, q_i + z / sqrt(dim)>``, q_i the previous projector's column i. Where the
+      new vector overlaps the old one by more than chance (|<p_i, q_i>| above about 1/sqrt(dim)),
+      its sign follows the old one, so the kept moments keep their meaning across the refresh
+      (galore-torch keeps them with whatever sign the solver gave); where the overlap is at chance
+      level the fixed reference decides, as in ``canonical``. It is one linear functional per
+      column, so it has no threshold that a perturbation could cross, only the zero set that every
+      sign rule has.
+    - ``"solver"``: the signs the solver returned, for exact parity with galore-torch on one machine.
+
+    Limits: no sign rule can fix near-tied singular values at the rank boundary (sigma_r close to
+    sigma_{r+1}): there the subspace itself changes under rounding, not only a sign.
+    """
+    if rule == "solver":
+        return P
+    if rule not in SIGN_RULES:
+        raise ValueError(f"sign_rule must be one of {SIGN_RULES}, got {rule!r}")
+    reference = sign_reference(P.shape[0], P.device).to(P.dtype)[:, None]
+    if rule == "align" and previous is not None and previous.shape == P.shape:
+        reference = previous.to(device=P.device, dtype=P.dtype) + reference / math.sqrt(P.shape[0])
+    agreement = (P * reference).sum(0)
+    return P * torch.where(agreement < 0, -1.0, 1.0).to(P.dtype)
 
 
 def rsvd_basis(G: Tensor, rank: int, side: str, *, seed: int, power_iters: int = 2, oversample: int = 8) -> Tensor:
@@ -192,7 +239,8 @@ class Projector:
 
     ``rank`` is the subspace size (entries for ``randk``); ``side`` "left"/"right"; ``gap`` the
     refresh period in steps and ``offset`` this parameter's stagger offset (refresh when
-    ``(step + offset) % gap == 0``, plus at the first step).
+    ``(step + offset) % gap == 0``, plus at the first step). ``sign_rule`` orients spectral
+    bases (``orient_basis``).
     """
 
     kind: str
@@ -203,6 +251,7 @@ class Projector:
     offset: int = 0
     seed: int = 0
     power_iters: int = 2
+    sign_rule: str = "align"
 
     @property
     def dense(self) -> bool:
@@ -240,7 +289,7 @@ class Projector:
         if self.kind in ("svd", "gram", "rsvd"):
             P = self._spectral_basis(G, state, count)
             if P is not None:
-                state["proj_P"] = P
+                state["proj_P"] = orient_basis(P, state.get("proj_P"), self.sign_rule)
         state["proj_refresh"] = count
         state["proj_seed"] = self.seed
         if self.kind in COORDINATE:

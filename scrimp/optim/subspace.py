@@ -10,7 +10,8 @@ Param groups: a group with a ``rank`` or ``density`` key is projected, any other
 AdamW. Group keys of projected groups (defaults in ``PROJECTION_DEFAULTS``):
 ``rank`` or ``density``, ``update_proj_gap``, ``scale``, ``proj_type`` (std/reverse_std/left/right),
 ``projector`` (see ``scrimp.optim.projection.PROJECTORS``), ``residual`` (None/sign_sgd/sgd/scaled),
-``residual_lr_scale``, ``reset_statistics``, ``stagger``, ``seed``, ``power_iters``.
+``residual_lr_scale``, ``reset_statistics``, ``stagger``, ``seed``, ``power_iters``, ``sign_rule``
+(align/canonical/solver: how spectral bases get their signs, ``projection.orient_basis``).
 
 State per parameter (only tensors, ints, floats, strings): ``step``, ``moment_step``, ``exp_avg``,
 ``exp_avg_sq`` (or ``exp_avg_q``/``exp_avg_absmax``/... for 8-bit moments), ``proj_P``
@@ -30,11 +31,14 @@ from torch import Tensor
 from scrimp.checks import check_number, is_real
 
 from . import functional as F
+from . import state_check
+from .finite_guard import first_nonfinite
 from .projection import (
     COORDINATE,
     DENSE,
     PROJ_TYPES,
     PROJECTORS,
+    SIGN_RULES,
     Projector,
     choose_side,
     mix_seed,
@@ -55,6 +59,7 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "power_iters": 2,
     "block_order": "ascending",
     "density_rounding": "round",
+    "sign_rule": "align",
 }
 BLOCK_ORDERS = ("ascending", "descending", "random", "mirror")
 DENSITY_ROUNDINGS = ("round", "floor")
@@ -148,6 +153,8 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
         raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
     if group["block_order"] not in BLOCK_ORDERS:
         raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {group['block_order']!r}")
+    if group["sign_rule"] not in SIGN_RULES:
+        raise ValueError(f"sign_rule must be one of {SIGN_RULES}, got {group['sign_rule']!r}")
     if group["density_rounding"] not in DENSITY_ROUNDINGS:
         raise ValueError(f"density_rounding must be one of {DENSITY_ROUNDINGS}, got {group['density_rounding']!r}")
     kind, proj_type = group["projector"], group["proj_type"]
@@ -297,7 +304,34 @@ def _with_added_keys(group: dict) -> dict:
     if is_projected_group(group):
         group.setdefault("block_order", "ascending")
         group.setdefault("density_rounding", "round")
+        group.setdefault("sign_rule", "align")  # before it, signs were the solver's: the fix applies on resume
     return group
+
+
+# Group settings a loaded state must match (``SubspaceAdamW.check_state_dict``): they choose the
+# algorithm (projector, residual rule, when and how the subspace changes) or the shape of the
+# state (rank, density and its rounding, the projected side).
+FIXED_PROJECTION_KEYS = ("projector", "rank", "density", "density_rounding", "proj_type", "residual",
+                         "update_proj_gap", "reset_statistics", "block_order")
+
+
+def fixed_group_keys(group: dict) -> tuple[str, ...]:
+    """The settings of ``group`` that a loaded state must match (``rank`` and ``density`` also say
+    whether the group is projected at all)."""
+    return ("rank", "density", *(FIXED_PROJECTION_KEYS if is_projected_group(group) else ()))
+
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
+_KIND_OF_KEY = {"proj_P": "stored projector", "proj_index": "coordinate indices",
+                **{k: f"8-bit moments (moments_8bit=True and {MIN_8BIT_NUMEL} entries or more)"
+                   for k in _MOMENT_KEYS if k.endswith(("_q", "_absmax"))},
+                "exp_avg": "fp32 moments", "exp_avg_sq": "fp32 moments"}
+
+
+def _coordinate_bound(kind: str, shape: tuple[int, int], side: str) -> int:
+    """How many coordinates a coordinate projector selects from (entries for randk)."""
+    m, n = shape
+    return m * n if kind == "randk" else subspace_dim(kind, shape, side)
 
 
 class SubspaceAdamW(torch.optim.Optimizer):
@@ -310,6 +344,11 @@ class SubspaceAdamW(torch.optim.Optimizer):
     layer-wise accumulated low-rank gradients, 8-bit moments and plain groups. ``moments_8bit`` stores the
     moments blockwise-quantized with bitsandbytes (Dettmers et al., 2022, "8-bit optimizers").
     ``allow_empty_subspace`` lets ``rank=0`` mean "no state at all" (FRUGAL's density -> 0 limit).
+    ``check_finite`` (default True) makes ``step()`` raise, before it changes any weight or state,
+    when a gradient holds inf or NaN: one reduction per gradient and one host read per step
+    (``benchmarks/optim_step.py`` measures its cost). Turn it off where the caller already checks,
+    as ``scrimp.training``'s module does. ``load_state_dict`` refuses a state that does not fit
+    (``state_check``).
     ``eps_style`` says where eps enters Adam's denominator (``functional.hf_eps``): "hf" adds it to
     sqrt(v) as galore-torch's GaLoreAdamW does, "torch" to the bias-corrected sqrt(v_hat) as
     torch.optim.AdamW, bitsandbytes and FRUGAL do.
@@ -327,6 +366,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
         fused: bool | None = None,
         moments_8bit: bool = False,
         allow_empty_subspace: bool = False,
+        check_finite: bool = True,
         **projection_defaults: Any,
     ):
         unknown = set(projection_defaults) - set(PROJECTION_DEFAULTS)
@@ -338,6 +378,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
         self._allow_empty = allow_empty_subspace
         self.fused = fused
         self.moments_8bit = moments_8bit
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
+        self.check_finite = check_finite
         self._projectors: dict[Tensor, Projector] = {}
         self._slots: dict[Tensor, tuple[int, int]] | None = None
         self._random_blocks: dict[int, tuple[tuple[int, int], set[int]]] = {}
@@ -398,7 +441,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             offset = 0
         seed = state["proj_seed"] if "proj_seed" in state else mix_seed(group["seed"], self._stagger_slot(p)[0])
         proj = Projector(kind=kind, shape=shape, rank=rank, side=side, gap=group["update_proj_gap"], offset=offset,
-                         seed=seed, power_iters=group["power_iters"])
+                         seed=seed, power_iters=group["power_iters"], sign_rule=group["sign_rule"])
         self._projectors[p] = proj
         return proj
 
@@ -439,6 +482,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 loss = closure()
         if any(p.grad is not None and p.grad.is_sparse for group in self.param_groups for p in group["params"]):
             raise RuntimeError(SPARSE_GRADIENTS)  # before any group steps
+        if self.check_finite:
+            self._refuse_nonfinite_gradients()  # before any weight or state changes
         for group in self.param_groups:
             if is_projected_group(group):
                 for p in group["params"]:
@@ -447,6 +492,32 @@ class SubspaceAdamW(torch.optim.Optimizer):
             else:
                 self._plain_foreach(group)
         return loss
+
+    def _refuse_nonfinite_gradients(self) -> None:
+        """Raise before the step when a gradient holds inf or NaN (``check_finite``, on by default).
+
+        One reduction per gradient and one host read per step (``finite_guard``); the first
+        offender is looked up only on failure. Only the gradients are checked, not the update:
+        for finite gradients the update is finite short of overflow. Adam's direction
+        m_hat / (sqrt(v_hat) + eps) is bounded for finite moments (Kingma & Ba, 2015, Sec. 2.1;
+        a v that overflows to inf gives 0, not NaN), sign residuals are +-1, and P^T G and
+        G - P P^T G with an orthonormal P are bounded by the gradient's Frobenius norm, so
+        a non-finite update needs entries near the fp32 maximum divided by sqrt(m n) (about
+        1e35 for a 1000 x 1000 matrix): such gradients are already a diverged run. Checking the
+        update too would cost a second read of every weight-sized tensor per step, for that case
+        alone. bf16 weights share fp32's range; an fp16 weight overflows only next to 65504.
+        """
+        located = [(g, i, p) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])
+                   if p.grad is not None]
+        bad = first_nonfinite([p.grad for _, _, p in located])
+        if bad is None:
+            return
+        g, i, p = located[bad]
+        where = state_check.describe(g, i, p)
+        raise FloatingPointError(
+            f"the gradient of {where} holds inf or NaN; step() stopped before changing any weight or optimizer "
+            "state (lower the lr, clip gradients or train in a wider dtype; check_finite=False turns this check off)"
+        )
 
     def _plain_foreach(self, group: dict) -> None:
         """Plain AdamW for a whole group with foreach ops, batched by step count."""
@@ -616,17 +687,90 @@ class SubspaceAdamW(torch.optim.Optimizer):
         return index in self._random_blocks[id(params)][1]
 
     # -- state dicts -----------------------------------------------------------------------------
+    # Names the constructor gave an engine key, for the sentences of ``load_state_dict`` (FRUGAL's).
+    setting_names: dict[str, str] = {}
+
+    def state_dict(self) -> dict:
+        """torch's state dict plus the class tag in every group, which ``load_state_dict`` checks."""
+        return state_check.tag_state_dict(super().state_dict(), self)
+
+    def _fixed_settings(self, group: dict) -> dict:
+        """The settings of ``group`` a loaded state must match, under the names the constructor took."""
+        names = self.setting_names
+        return {(f"{names[k]} ({k})" if k in names else k): group.get(k) for k in fixed_group_keys(group)}
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        """Raise ``state_check.StateDictMismatch`` (one sentence) if ``state_dict`` does not fit this
+        optimizer; change nothing. ``load_state_dict`` runs it first.
+
+        Checked: the class (tagged, or inferred from the keys of a state dict saved before the tag);
+        the group structure; each group's settings that fix the algorithm or the layout of the
+        state (``fixed_group_keys``); every state tensor's shape against its parameter and those
+        settings (8-bit moments or fp32, the projected shape, the projector's (dim, rank),
+        coordinate indices against their bound); the counters. Settings a resume may change pass
+        and are restored from the state dict, as torch does: lr, betas, eps and eps_style (where eps
+        enters the denominator: numerics of the same rule), weight_decay, GaLore's
+        ``scale`` and the residual's lr scale (the schedule and the step size, which schedulers
+        and users retune on resume), ``power_iters`` and ``sign_rule`` (how accurately and with
+        which signs the next bases are computed; the state holds bases of the same shape either
+        way), ``seed`` and ``stagger`` (each parameter's seed and refresh offset are in its state
+        too, so the restored values continue the saved run), and any key scrimp does not use.
+        A torch.optim.AdamW state is refused rather than converted: the moments of projected
+        parameters have the full shape, which no projected group can use, and refusing is the
+        one rule that cannot go wrong silently.
+        """
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+            state_check.refuse(self, "it is not an optimizer state dict (it needs 'state' and 'param_groups' entries)")
+        saved_groups = [_with_added_keys(g) for g in state_check.untag_groups(state_dict["param_groups"])]
+        state_check.check_loadable(self, state_dict, saved_groups, settings=self._fixed_settings,
+                                   spec=self._state_spec)
+        for saved, current in zip(saved_groups, self.param_groups):
+            validate_group({**saved, "params": current["params"]}, allow_empty_subspace=self._allow_empty)
+
+    def _state_spec(self, p: Tensor, group: dict) -> dict[str, state_check.Expect]:
+        """What the state of ``p`` may hold under ``group``'s settings (the shapes ``step`` creates)."""
+        Expect = state_check.Expect
+        spec = {k: Expect(integer=True) for k in ("step", "moment_step", "proj_refresh", "proj_offset", "proj_seed",
+                                                  "block_cycle")}
+        for key in ("proj_P", "proj_index", *_MOMENT_KEYS):
+            spec[key] = Expect(absent=True, why=f"this optimizer keeps no {_KIND_OF_KEY[key]} for it")
+        shape, why = tuple(p.shape), "the parameter's shape"
+        if not is_projected_group(group):
+            kind, rank, side = "full", 0, ""
+        else:
+            side = choose_side(shape, group["proj_type"])
+            kind, rank = resolve_rank(group["projector"], shape, side, group.get("rank"), group.get("density"),
+                                      group["density_rounding"])
+        if kind == "none":
+            return spec
+        if kind not in ("full", "blocks"):
+            proj = Projector(kind=kind, shape=shape, rank=rank, side=side, gap=group["update_proj_gap"])
+            shape, why = proj.moment_shape(), f"the projected shape of {tuple(p.shape)} at {kind} size {rank}"
+            dim = p.shape[0] if side == "left" else p.shape[1]
+            if kind in ("svd", "gram", "rsvd"):
+                spec["proj_P"] = Expect(shape=(dim, rank), why=f"the {side} side's {dim} by rank {rank}")
+            elif kind in COORDINATE:
+                spec["proj_index"] = Expect(shape=(rank,), below=_coordinate_bound(kind, tuple(p.shape), side),
+                                            why=f"{rank} selected coordinates")
+        numel = math.prod(shape)
+        if self.moments_8bit and numel >= MIN_8BIT_NUMEL:
+            blocks = Expect(shape=(-(-numel // BLOCKSIZE_8BIT),), why=f"one absmax per {BLOCKSIZE_8BIT} entries")
+            spec.update(exp_avg_q=Expect(shape=shape, why=why), exp_avg_sq_q=Expect(shape=shape, why=why),
+                        exp_avg_absmax=blocks, exp_avg_sq_absmax=blocks)
+        else:
+            spec.update(exp_avg=Expect(shape=shape, why=why), exp_avg_sq=Expect(shape=shape, why=why))
+        return spec
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict keeping every state tensor's dtype (fp32 moments of bf16 weights stay fp32).
+        """Load a state dict that ``check_state_dict`` accepts (else nothing changes), keeping every
+        state tensor's dtype (fp32 moments of bf16 weights stay fp32).
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter dtype,
         which would round fp32 moments and projectors of low-precision weights.
         """
+        self.check_state_dict(state_dict)  # before anything is replaced
         saved_state = state_dict["state"]
-        saved_groups = [_with_added_keys(g) for g in state_dict["param_groups"]]
-        if len(saved_groups) == len(self.param_groups):  # else torch's own message below
-            for saved, current in zip(saved_groups, self.param_groups):  # before anything is replaced
-                validate_group({**saved, "params": current["params"]}, allow_empty_subspace=self._allow_empty)
+        saved_groups = [_with_added_keys(g) for g in state_check.untag_groups(state_dict["param_groups"])]
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

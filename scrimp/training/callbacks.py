@@ -12,6 +12,7 @@ bytes of live tensors (``scrimp.profiling.live_tensor_bytes``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
@@ -223,19 +224,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file in the same folder, then renamed over the target.
 
     A run killed mid-write leaves the previous checkpoint intact and loadable (``os.replace`` is
-    atomic on POSIX and Windows within one filesystem).
+    atomic on POSIX and Windows within one filesystem); the orphan temporary it leaves is removed
+    when the folder is next opened (``scrimp.training.run_folder.open_run_folder``). A write that
+    fails (disk full, folder made read-only during the run) removes the temporary and raises one
+    sentence (``RunFolderError``) instead of torch's "basic_ios::clear: iostream error".
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
+        from scrimp.training.run_folder import checkpoint_write_error, ensure_folder
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_folder(path.parent, "checkpoint folder")
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            torch.save(checkpoint, tmp)
+            # our own handle, closed however torch.save ends: torch's writer, kept alive by the
+            # traceback of a failed write, would otherwise hold the deleted file's space and its disk
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:
+            sentence = checkpoint_write_error(path, err)  # before the partial file is removed: see there
+            if sentence is None:
+                raise
+            raise sentence from err
         finally:
-            if tmp.exists():
+            with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def step_checkpoints(run_dir: Path, checkpoint_cfg) -> list:
+    """The ``StepCheckpoint`` of ``checkpoint.*`` in ``run_dir/checkpoints``; none when ``checkpoint.enabled``
+    is false (sweep trials: a checkpoint per trial is rarely wanted and costs the model's size each)."""
+    from scrimp.training.run_folder import checkpoint_enabled
+
+    checkpoint_cfg = checkpoint_cfg or {}
+    if not checkpoint_enabled(checkpoint_cfg):
+        return []
+    return [StepCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"), filename="step{step:06d}",
+                           auto_insert_metric_name=False, every_n_train_steps=int(checkpoint_cfg.get("every_n_steps", 100)),
+                           save_top_k=int(checkpoint_cfg.get("keep", 1)), monitor=None, save_last=True)]
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -17,9 +17,11 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 import sysconfig
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+log = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
 _CACHE_VERSION = "1"
 _TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
@@ -300,6 +303,79 @@ def _builder_for(files: Sequence[Path]) -> str:
     return kinds.pop()
 
 
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _first_bad_text_line(path: Path) -> str | None:
+    """Where a text file stops being text: a byte that is not UTF-8, or a NUL (a binary file)."""
+    data = path.read_bytes()
+    nul = data.find(b"\x00")
+    try:
+        data.decode("utf-8")
+        bad = nul if nul >= 0 else None
+        reason = "holds a NUL byte (a binary file?)"
+    except UnicodeDecodeError as err:
+        bad = err.start if nul < 0 else min(err.start, nul)
+        reason = "is not UTF-8 text (a binary file?)"
+    if bad is None:
+        return None
+    return f"data file {str(path)!r} {reason} at line {_line_of(data, bad)}"
+
+
+def _first_bad_json_row(path: Path, text_field: str) -> str | None:
+    """The first row of a json/jsonl file that is not an object with a string ``text_field``."""
+    raw = path.read_bytes()
+    try:
+        body = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"data file {str(path)!r} is not UTF-8 text at line {_line_of(raw, err.start)}"
+    stripped = body.lstrip()
+    if path.suffix == ".json" and stripped.startswith("["):
+        try:
+            rows = [(i + 1, row) for i, row in enumerate(json.loads(body))]
+            what = "element"
+        except json.JSONDecodeError as err:
+            return f"data file {str(path)!r} is not valid JSON at line {err.lineno} ({err.msg})"
+    else:
+        rows, what = [], "line"
+        for lineno, line in enumerate(body.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                return f"data file {str(path)!r} line {lineno} is not valid JSON ({err.msg})"
+    for number, row in rows:
+        if not isinstance(row, dict):
+            return f"data file {str(path)!r} {what} {number} is not a JSON object (got {type(row).__name__})"
+        value = row.get(text_field)
+        if value is not None and not isinstance(value, str):
+            return (f"data file {str(path)!r} {what} {number} has {value!r:.40} (a {type(value).__name__}) in "
+                    f"data.text_field {text_field!r}, where a string (the document's text) belongs")
+    return None
+
+
+def data_file_error(files: Sequence[Path], builder: str, text_field: str, err: Exception | None) -> ValueError:
+    """One sentence naming the file (and line) that ``datasets`` could not read, or that holds a document
+    that is not a string; found by reading the files again, only once loading has failed."""
+    for path in files:
+        if builder == "text":
+            found = _first_bad_text_line(path)
+        elif builder == "json":
+            found = _first_bad_json_row(path, text_field)
+        else:
+            found = None
+        if found:
+            return ValueError(found)
+    names = ", ".join(repr(str(f)) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    if err is None:
+        return ValueError(f"data.text_field {text_field!r} of the data files {names} holds values that are not "
+                          "strings; each document must be text")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return ValueError(f"the data files {names} could not be read as {builder} ({type(err).__name__}: {first:.200})")
+
+
 @dataclass
 class Documents:
     """Raw documents with stable keys (file path or row index) used for the held-out split."""
@@ -346,12 +422,23 @@ def load_documents(source: str, path=None, hub_name: str | None = None, hub_conf
         files = resolve_data_files(path)
         builder = _builder_for(files)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
-        if text_field not in ds.column_names:
-            raise ValueError(f"data.text_field {text_field!r} is not a column of {path!r}; columns: {ds.column_names}")
-        texts = list(ds[text_field])
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+            if text_field not in ds.column_names:
+                raise ValueError(f"data.text_field {text_field!r} is not a column of {path!r}; columns: "
+                                 f"{ds.column_names}")
+            texts = list(ds[text_field])  # decodes the strings: a byte that is not UTF-8 fails only here
+        except Exception as err:  # noqa: BLE001 - datasets raises many types, none naming the file
+            if str(err).startswith("data.text_field"):
+                raise
+            raise data_file_error(files, builder, text_field, err) from None
+        if not all(isinstance(t, str) or t is None for t in texts):
+            raise data_file_error(files, builder, text_field, None)
         if builder == "text" and len(texts) == len(files):
             keys = [str(f) for f in files]  # one document per file: split by file
+            binary = next((k for k, t in zip(keys, texts) if t and "\x00" in t), None)
+            if binary is not None:  # valid UTF-8 but not text: it would train on garbage
+                raise ValueError(f"data file {binary!r} holds a NUL byte (a binary file?); give text files only")
         else:
             keys = [str(i) for i in range(len(texts))]
         keep = _subset(keys, max_documents)
@@ -393,13 +480,13 @@ class TextDataModule(L.LightningDataModule):
                  val_fraction: float = 0.05, val_blocks: int | None = 64, max_documents: int | None = None,
                  seed: int = 0, cache_dir: str | None = None, num_workers: int = 0, streaming: bool = True):
         super().__init__()
-        if source not in _SOURCES:
-            raise ValueError(f"data.source {source!r} is not one of {list(_SOURCES)}")
-        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("vocab_size", vocab_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
+        from scrimp.training.validate import TRAIN_RULES, check_rules
+
+        # The command line's rules, for callers who build the module in Python.
+        check_rules({f"data.{k}": v for k, v in dict(
+            source=source, block_size=block_size, batch_size=batch_size, vocab_size=vocab_size,
+            val_fraction=val_fraction, val_blocks=val_blocks, max_documents=max_documents, seed=seed,
+            num_workers=num_workers, text_field=text_field, tokenizer=tokenizer).items()}, TRAIN_RULES)
         if source == "files":
             resolve_data_files(path)  # a missing path is reported before anything is loaded
         self.source, self.path, self.hub_name, self.hub_config = source, path, hub_name, hub_config
@@ -419,7 +506,12 @@ class TextDataModule(L.LightningDataModule):
             return load_transformers_tokenizer(self.tokenizer_name)
         path = self.cache_dir / "tokenizers" / f"bpe-{docs.identity.replace(':', '-')}-v{self.vocab_size}.json"
         if not path.exists():
+            # The first run on a corpus spends tens of seconds here: say so, rather than print nothing.
+            log.info("training a byte-level BPE tokenizer (vocab %d) on %d documents; it is cached in %s for later "
+                     "runs", self.vocab_size, len(train_idx), path.parent)
+            started = time.perf_counter()
             train_byte_level_bpe([docs.texts[i] for i in train_idx], self.vocab_size, path)
+            log.info("tokenizer trained in %.1f s", time.perf_counter() - started)
         return load_bpe(path)
 
     def _encoded(self, tok: TextTokenizer, docs: Documents, idx: list[int], split: str) -> list[np.ndarray]:
@@ -430,7 +522,11 @@ class TextDataModule(L.LightningDataModule):
             with np.load(path) as z:
                 flat, offsets = z["flat"], z["offsets"]
         else:
+            log.info("tokenizing the %s split (%d documents); the tokens are cached in %s for later runs", split,
+                     len(idx), path.parent)
+            started = time.perf_counter()
             encoded = tok.encode_batch([docs.texts[i] for i in idx]) if idx else []
+            log.info("%s split tokenized in %.1f s", split, time.perf_counter() - started)
             lengths = np.array([len(e) for e in encoded], dtype=np.int64)
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             flat = np.concatenate([np.asarray(e, dtype=np.int32) for e in encoded]) if encoded else np.zeros(0, np.int32)

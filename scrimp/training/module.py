@@ -104,6 +104,9 @@ class CausalLMModule(L.LightningModule):
         self._val_tokens = 0
         self.last_val_step = -1  # optimizer step of the last full validation
         self._worst_loss = None  # the first non-finite training loss since the last step, else the latest
+        # Set by the run when resume.allow_changed lets an optimizer setting differ from the checkpoint's:
+        # the saved state was built for the old settings, so the optimizer starts afresh.
+        self.fresh_optimizer_state = False
 
     # -- optimizer -------------------------------------------------------------------------
     def build_optimizer(self):
@@ -121,6 +124,8 @@ class CausalLMModule(L.LightningModule):
             self._optimizer = optimizer
             self.mode = mode
             self.automatic_optimization = mode == "automatic"
+            if mode == "automatic" and getattr(optimizer, "check_finite", None) is True:
+                optimizer.check_finite = False  # on_before_optimizer_step checks the gradients already
         return self._optimizer
 
     @property
@@ -202,6 +207,15 @@ class CausalLMModule(L.LightningModule):
             "not be); stopping before the optimizer step writes it into the weights (lower optim.lr, or train in a "
             "wider dtype)"
         )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Lightning clears the gradients before validation and when fit starts (after a resume). Inside
+        a layer-wise accumulation window they are the window's sums (a resume restores them), so the
+        layer-wise optimizer decides: it clears them only at a window boundary."""
+        if self.mode == "layerwise" and self._optimizer is not None:
+            self._optimizer.zero_grad(set_to_none)
+        else:
+            super().zero_grad(set_to_none)
 
     def on_train_start(self) -> None:
         self._worst_loss = None  # a fit stopped inside an accumulation window must not fail the next one
@@ -322,8 +336,13 @@ class CausalLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("scrimp", {})
-        check_checkpoint_optimizer(saved.get("optimizer_name"), self.optimizer_name, "the checkpoint")
         self.batches_seen = int(saved.get("batches_seen", 0))
+        if self.fresh_optimizer_state and "optimizer_states" in checkpoint:
+            # Lightning restores optimizer_states after this hook: hand it the new optimizer's own fresh
+            # state, so the run truly trains with the new settings (weights, step and schedule are kept).
+            checkpoint["optimizer_states"] = [self.build_optimizer().state_dict()]
+            return
+        check_checkpoint_optimizer(saved.get("optimizer_name"), self.optimizer_name, "the checkpoint")
 
 
 def check_checkpoint_optimizer(saved_name: str | None, current_name: str, where: str) -> None:

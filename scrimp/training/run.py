@@ -14,6 +14,7 @@ returned to the sweeper).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,11 +31,19 @@ from scrimp.training.callbacks import (
     AtomicCheckpointIO,
     OptunaPruningCallback,
     RankConsistencyCallback,
-    StepCheckpoint,
     ThroughputMemoryCallback,
+    step_checkpoints,
 )
 from scrimp.training.models import LLAMA_SIZES
-from scrimp.training.module import CausalLMModule, check_checkpoint_optimizer, check_layerwise_world_size
+from scrimp.training.module import CausalLMModule, check_layerwise_world_size
+from scrimp.training.run_folder import (
+    appending_csv_logger,
+    check_checkpoint_space,
+    checkpoint_enabled,
+    checkpoint_write_error,
+    open_run_folder,
+)
+from scrimp.training.validate import check_resume, check_resume_vocab, check_train_config
 
 SUMMARY_KEYS = (
     "status",          # "completed" or "pruned"
@@ -67,64 +76,6 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # not running under @hydra.main
         return Path("outputs") / "run"
-
-
-def check_model_name(name: str) -> None:
-    """One sentence for a model that is neither a known size nor a path/hub name."""
-    if name in LLAMA_SIZES or os.path.isdir(name) or "/" in name:
-        return
-    raise ValueError(
-        f"model.name {name!r} is not a known model; choose one of {', '.join(sorted(LLAMA_SIZES))}, "
-        "or give a local directory or hub name of the form 'org/name'"
-    )
-
-
-def _is_int(value) -> bool:
-    """An int, or a float with an integral value (``trainer.max_steps=10.0`` trains 10 steps)."""
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
-
-
-def check_trainer(trainer_cfg: DictConfig, checkpoint_cfg=None) -> None:
-    """One sentence for step and checkpoint counts that Lightning or the schedule would refuse with
-    a traceback, and for a GPU trainer on a machine without CUDA."""
-    max_steps = trainer_cfg.get("max_steps", -1)
-    if not _is_int(max_steps) or not (max_steps == -1 or max_steps >= 1):
-        raise ValueError(f"trainer.max_steps must be a positive integer (or -1: run by epochs), got {max_steps!r}")
-    accumulate = trainer_cfg.get("accumulate_grad_batches", 1)
-    if not _is_int(accumulate) or accumulate < 1:
-        raise ValueError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
-    checkpoint_cfg = checkpoint_cfg or {}
-    keep, every = checkpoint_cfg.get("keep", 1), checkpoint_cfg.get("every_n_steps", 100)
-    if not _is_int(keep) or keep < -1:
-        raise ValueError(f"checkpoint.keep must be an integer >= 0, or -1 to keep every checkpoint, got {keep!r}")
-    if not _is_int(every) or every < 0:
-        raise ValueError(f"checkpoint.every_n_steps must be an integer >= 0 (0: only last.ckpt), got {every!r}")
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"trainer.accelerator={accelerator!r} needs a CUDA GPU but torch.cuda.is_available() is False "
-            "on this machine; use trainer=cpu (or trainer=ddp_cpu)"
-        )
-
-
-def checkpoint_optimizer_name(path: Path) -> str | None:
-    """The optimizer a scrimp checkpoint was written with (read without loading tensors into RAM)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise ValueError(f"ckpt_path {str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    return ckpt.get("scrimp", {}).get("optimizer_name")
-
-
-def check_checkpoint(ckpt_path, optim_name: str) -> Path | None:
-    """One sentence for a missing checkpoint or one written with a different optimizer."""
-    if not ckpt_path:
-        return None
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ValueError(f"ckpt_path {str(path)!r} does not exist")
-    check_checkpoint_optimizer(checkpoint_optimizer_name(path), optim_name, f"ckpt_path {str(path)!r}")
-    return path
 
 
 def adamw_state_bytes(model: torch.nn.Module) -> int:
@@ -182,12 +133,10 @@ def build_module(cfg: DictConfig, vocab_size: int | None) -> CausalLMModule:
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger
-
     logger_cfg = cfg.get("logger") or {}
     loggers = []
     if logger_cfg.get("csv", True):
-        loggers.append(CSVLogger(str(run_dir), name="csv", version=0))
+        loggers.append(appending_csv_logger(run_dir))  # a resume appends to the earlier rows
     if logger_cfg.get("tensorboard", False):
         try:
             import tensorboard  # noqa: F401
@@ -199,27 +148,28 @@ def _loggers(cfg: DictConfig, run_dir: Path) -> list:
 
             warnings.warn("logger.tensorboard is on but tensorboard is not installed; logging to CSV only")
             if not loggers:
-                loggers.append(CSVLogger(str(run_dir), name="csv", version=0))
+                loggers.append(appending_csv_logger(run_dir))
     return loggers
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
     """A Lightning ``Trainer`` from ``cfg.trainer`` with our callbacks, loggers and atomic checkpoints."""
     import lightning as L
-    from lightning.pytorch.callbacks import RichProgressBar
+
+    from scrimp.training.console import StepProgressBar
 
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    ckpt_cfg = cfg.get("checkpoint") or {}
+    checkpoints = step_checkpoints(run_dir, cfg.get("checkpoint"))
+    if not checkpoints:  # checkpoint.enabled=false: Lightning must not add its default checkpoint either
+        trainer_cfg["enable_checkpointing"] = False
     callbacks = [
         ThroughputMemoryCallback(),
         RankConsistencyCallback(),
-        StepCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:06d}", auto_insert_metric_name=False,
-                       every_n_train_steps=int(ckpt_cfg.get("every_n_steps", 100)), save_top_k=int(ckpt_cfg.get("keep", 1)),
-                       monitor=None, save_last=True),
+        *checkpoints,
         *extra_callbacks,
     ]
     if trainer_cfg.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(leave=True))
     return L.Trainer(default_root_dir=str(run_dir), logger=_loggers(cfg, run_dir), callbacks=callbacks,
                      plugins=[AtomicCheckpointIO()], enable_model_summary=False, **trainer_cfg)
 
@@ -240,19 +190,31 @@ def _pruning_callbacks(cfg: DictConfig) -> list:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one training job from a composed ``train`` config; returns the summary (also written to disk)."""
+    """Run one training job from a composed ``train`` config; returns the summary (also written to disk).
+
+    The run folder is held for the whole job (``scrimp.training.run_folder``): a second process
+    writing the same ``run_dir`` is refused, and an unwritable folder is one sentence before any work.
+    """
+    with contextlib.ExitStack() as held:  # released however the job ends
+        return _train(cfg, held)
+
+
+def _train(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
     import lightning as L
 
     started = time.perf_counter()
     # -- every input is checked before any training ------------------------------------------
-    check_trainer(cfg.trainer, cfg.get("checkpoint"))
-    ckpt_path = check_checkpoint(cfg.get("ckpt_path"), str(cfg.optim.name))
-    check_model_name(str(cfg.model.name))
+    resume = check_resume(check_train_config(cfg))  # scrimp.training.validate: every key, and the checkpoint
+    ckpt_path = resume.path if resume else None
     run_dir = resolve_run_dir(cfg)
+    held.enter_context(open_run_folder(run_dir, checkpoints=checkpoint_enabled(cfg.get("checkpoint"))))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare()
+    check_resume_vocab(resume, datamodule.tokenizer.vocab_size if cfg.model.name in LLAMA_SIZES else None)
     module = build_module(cfg, datamodule.tokenizer.vocab_size)
+    check_checkpoint_space(run_dir, module.model, cfg.get("checkpoint"), cfg.trainer.get("max_steps", -1))
+    module.fresh_optimizer_state = bool(resume and resume.fresh_optimizer)
     if module.mode != "automatic" and int(cfg.trainer.get("accumulate_grad_batches", 1)) != 1:
         raise ValueError(
             f"trainer.accumulate_grad_batches must be 1 with optimizer {module.optimizer_name!r} "
@@ -318,11 +280,18 @@ def _last_checkpoint(trainer) -> str | None:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file, then rename it over ``path``."""
+    """Write JSON to a temporary file, then rename it over ``path``; a failed write (disk full) is one
+    sentence, leaves no temporary and keeps the earlier file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str))
+        os.replace(tmp, path)
+    except OSError as err:
+        raise checkpoint_write_error(path, err, what="file") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _fmt_bytes(n: float) -> str:

@@ -66,6 +66,7 @@ class WarmupCosineScheduler:
                 "total_steps": self.total_steps, "min_lr_ratio": self.min_lr_ratio}
 
     def load_state_dict(self, state: dict) -> None:
+        # Only the position is restored: the lr and the schedule's shape are the run's own settings, which
+        # may change on resume (the saved base_lrs would silently keep the old lr).
         self.last_step = int(state["last_step"])
-        self.base_lrs = list(state["base_lrs"])
         self._apply()

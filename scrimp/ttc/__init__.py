@@ -12,6 +12,9 @@ Modules: ``generate`` (Generator protocol, HFGenerator, VLLMGenerator, ReplayGen
 (canonical JSONL, ESC converter), ``verify`` (extraction, normalization, reward-model scorers),
 ``strategies`` (best-of-N, majority, weighted majority, beam, adaptive beam, DVTS), ``stopping``
 (Adaptive-Consistency, ESC and Dirichlet cap-majority rules), ``allocate`` (uniform, oracle, knapsack, sequential,
-compute_optimal), ``evaluate`` (unbiased pass@k / maj@k, bootstrap, curves, savings), ``crossfit``
-(hyper-parameters chosen on calibration folds, reported on disjoint ones).
+compute_optimal, stop_reallocate, and the published baselines esc and adaptive_consistency), ``options``
+((strategy, n) options priced by samples or tokens, chosen by the knapsack over (prompt, option)),
+``evaluate`` (unbiased pass@k / maj@k, exact stop-at-first-success, bootstrap, curves, savings),
+``crossfit`` (hyper-parameters chosen on calibration folds, reported on disjoint ones), ``run`` (the job
+behind ``python -m experiments.ttc``: config in, comparison table and summary.json out).
 """

@@ -14,6 +14,12 @@ Policies (all spend at most ``floor(B * prompts)`` samples, counting pilots):
 - ``compute_optimal``: Snell et al. (2024): difficulty bins from pilot statistics; the best option per
   bin under the budget is chosen on a calibration split (see ``fit_compute_optimal``) and applied to a
   disjoint evaluation split.
+- ``esc`` and ``adaptive_consistency``: the two published early-stopping baselines with their
+  published defaults (ESC: windows of 5, cap 40; Adaptive-Consistency: Beta rule, threshold 0.95, cap
+  40), run per prompt; the total budget only caps them (it binds below their natural spend).
+- ``stop_reallocate``: stopping and reallocation in one policy: rounds; after each, stop the decided
+  prompts and the hopeless ones, and give the next samples to the open prompts with the highest
+  expected marginal gain per sample (``coverage``: stop at the first verified success).
 
 Everything is driven through the ``Generator`` protocol (``sample(ids, counts)``); a generator with
 ``remaining(id)`` (the replay backend) also caps each prompt at what was recorded. Run a policy with
@@ -23,6 +29,7 @@ sampled.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections import Counter
@@ -34,9 +41,20 @@ import numpy as np
 from scrimp.checks import check_choice, check_integer, check_number, is_real
 from scrimp.ttc.evaluate import maj_at_k, plurality
 from scrimp.ttc.generate import Generator, ReplayPrompt, Sample
-from scrimp.ttc.stopping import RULES, answer_counts, beta_confidence, cap_majority_probability, should_stop
+from scrimp.ttc.stopping import (
+    RULES,
+    answer_counts,
+    beta_confidence,
+    beta_tail_above_half,
+    cap_majority_probability,
+    leader_counts,
+    should_stop,
+)
 
-POLICIES = ("uniform", "oracle", "knapsack", "sequential", "compute_optimal")
+POLICIES = ("uniform", "oracle", "knapsack", "sequential", "compute_optimal", "esc", "adaptive_consistency",
+            "stop_reallocate")
+# The published baselines: every comparison table shows them at these defaults, beside uniform.
+BASELINES = ("esc", "adaptive_consistency")
 UTILITIES = ("majority", "coverage")
 PRIORITIES = ("gain", "confidence")
 # The cap-majority rule sums the vote at the cap exactly, O(answers x cap^3) per count signature.
@@ -284,14 +302,17 @@ def correct_answers(p: ReplayPrompt) -> frozenset[str]:
     """The normalized answers that count as right for this prompt.
 
     Where the recorded samples carry correctness flags, every answer flagged correct (a grader may
-    accept several strings: ``0.5`` and ``1/2``); where none does, the normalized reference.
+    accept several strings: ``0.5`` and ``1/2``); where none does, every recorded answer that matches
+    the reference (``verify.exact_match``; a file's own answers are kept as written) and the
+    normalized reference itself.
     """
-    from scrimp.ttc.verify import normalize_answer
+    from scrimp.ttc.verify import exact_match, normalize_answer
 
     if any(s.correct is not None for s in p.samples):
         return frozenset(s.answer for s in p.samples if s.correct and s.answer is not None)
     ref = normalize_answer(p.reference)
-    return frozenset() if ref is None else frozenset([ref])
+    matching = {s.answer for s in p.samples if s.answer is not None and exact_match(s.answer, p.reference)}
+    return frozenset(matching | ({ref} if ref is not None else set()))
 
 
 def sequential(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
@@ -442,12 +463,246 @@ def compute_optimal(generator: Generator, ids: Sequence[str], budget: int, *, rn
     return _finish(generator, ids, held, budget, utility, rng, k_per_bin=k_bin.tolist(), bin_sizes=sizes.tolist())
 
 
+# ---------------------------------------------------------------- published baselines and stop-and-reallocate
+
+
+def _open_prompts(held: list[list[Sample]], stopped: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Indices of prompts neither stopped nor at their cap."""
+    drawn = np.array([len(h) for h in held], dtype=np.int64)
+    return np.nonzero(~stopped & (drawn < cap))[0]
+
+
+def _serve_in_random_order(candidates: np.ndarray, need: np.ndarray, pool: int,
+                           rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Per-prompt sample counts for one round. When the pool cannot pay every prompt's ``need``, each open
+    prompt gets an equal share and the remainder goes one sample each to prompts in a random order (a
+    baseline has no ranking of its own, so none is invented for it; paying whole windows to some
+    prompts instead would leave others with no sample at all). Returns the counts over
+    ``candidates`` and what is left of the pool."""
+    need = np.asarray(need, dtype=np.int64)
+    if need.sum() <= pool:
+        return need.copy(), pool - int(need.sum())
+    counts = np.minimum(need, pool // candidates.size)
+    left = pool - int(counts.sum())
+    for j in rng.permutation(candidates.size):
+        if left == 0:
+            break
+        if counts[j] < need[j]:
+            counts[j] += 1
+            left -= 1
+    return counts, left
+
+
+def _round(generator, ids, held, candidates: np.ndarray, counts: np.ndarray) -> None:
+    full = np.zeros(len(ids), dtype=np.int64)
+    full[candidates] = counts
+    _draw(generator, ids, full, held)
+
+
+def esc(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
+        utility: str = "majority", window: int = 5, k_max: int | None = 40) -> PolicyOutcome:
+    """ESC (Li et al., ICLR 2024, "Escape Sky-high Cost") with its published defaults: each prompt draws
+    windows of ``window`` samples and stops once every answer of its latest window is the same (or at
+    its cap, 40 as in the paper's last-letters script); the answer is the vote over all its samples.
+    The total budget only caps it: when the pool cannot pay a whole window to every open prompt, each
+    gets an equal part of one (``_serve_in_random_order``)."""
+    cap = _capacity(generator, ids, k_max)
+    held: list[list[Sample]] = [[] for _ in ids]
+    stopped = np.zeros(len(ids), dtype=bool)
+    pool, rounds = budget, 0
+    while pool > 0:
+        open_ = _open_prompts(held, stopped, cap)
+        if open_.size == 0:
+            break
+        need = np.minimum(window, cap[open_] - np.array([len(held[i]) for i in open_]))
+        counts, pool = _serve_in_random_order(open_, need, pool, rng)
+        if not counts.any():
+            break
+        _round(generator, ids, held, open_, counts)
+        for i, c, full in zip(open_, counts, need):
+            # Only a whole window is judged: a part paid from a short pool is no window of ESC's.
+            last = [s.answer for s in held[i][-c:]] if c == full else []
+            if last and last[0] is not None and all(a == last[0] for a in last):
+                stopped[i] = True
+        rounds += 1
+    return _finish(generator, ids, held, budget, utility, rng, rounds=rounds)
+
+
+def adaptive_consistency(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
+                         utility: str = "majority", threshold: float = 0.95, prior: float = 1.0,
+                         k_max: int | None = 40) -> PolicyOutcome:
+    """Adaptive-Consistency (Aggarwal et al., EMNLP 2023) with its published defaults: one sample at a
+    time per prompt; stop once the Beta confidence that the leader is the mode,
+    P(Beta(v1 + 1, v2 + 1) > 1/2), reaches ``threshold`` (0.95), or at the cap (40). The total budget
+    only caps it: when the pool cannot pay every open prompt, a random subset gets the last samples."""
+    cap = _capacity(generator, ids, k_max)
+    held: list[list[Sample]] = [[] for _ in ids]
+    stopped = np.zeros(len(ids), dtype=bool)
+    pool, rounds = budget, 0
+    while pool > 0:
+        open_ = _open_prompts(held, stopped, cap)
+        if open_.size == 0:
+            break
+        counts, pool = _serve_in_random_order(open_, np.ones(open_.size, dtype=np.int64), pool, rng)
+        _round(generator, ids, held, open_, counts)
+        for i in open_[counts > 0]:
+            stopped[i] = beta_confidence([s.answer for s in held[i]], prior) >= threshold
+        rounds += 1
+    return _finish(generator, ids, held, budget, utility, rng, rounds=rounds)
+
+
+def is_hopeless(counts: Sequence[int], drawn: int, hopeless: int) -> bool:
+    """After ``hopeless`` samples (0: never), a prompt on which no answer has come twice (``counts``: votes
+    per answer, leader first), or for coverage no verified success (``counts`` = (successes,)), is given
+    up: its posterior puts no answer ahead, so more samples are unlikely to form a correct majority, and
+    their budget is better spent where one is forming."""
+    return 0 < hopeless <= drawn and (counts[0] if counts else 0) <= 1
+
+
+@functools.lru_cache(maxsize=262144)
+def _majority_verdict(counts: tuple[int, ...], drawn: int, horizon: int, threshold: float, prior: float,
+                      price: float, hopeless: int) -> tuple[str | None, float]:
+    """(why a voting prompt stops now, or None; its gain per sample when it goes on), from its answer
+    counts alone, so that replays and rounds that meet the same counts compute it once."""
+    if drawn >= horizon or (counts and cap_majority_probability(counts, drawn, horizon, prior) >= threshold):
+        return "decided", 0.0
+    if is_hopeless(counts, drawn, hopeless):
+        return "hopeless", 0.0
+    v1 = counts[0] if counts else 0
+    v2 = counts[1] if len(counts) > 1 else 0
+    gain = pair_gain_per_sample(v1, v2, drawn, prior)
+    return ("below price" if gain < price else None), gain
+
+
+def pair_gain_per_sample(v1: int, v2: int, drawn: int, prior: float, lookahead: int = 2) -> float:
+    """``gain_per_sample`` from the leader's and the runner-up's votes and the samples drawn."""
+    rate = (v1 + v2 + 1.0) / (drawn + 2.0)
+    return decision_gain(v1, v2, prior, lookahead) / lookahead * rate
+
+
+def gain_per_sample(samples: Sequence[Sample], prior: float, lookahead: int = 2) -> float:
+    """Expected marginal gain of one more sample for a voting prompt, per unit cost.
+
+    The value of information of ``lookahead`` more votes between the leader and the runner-up
+    (``decision_gain``), per sample, times the posterior mean share of samples that vote for either of
+    the two (a sample that abstains or names a third answer costs as much and moves nothing). The
+    pair reduction keeps it cheap (exact, cached by counts); the Dirichlet gain over all answers
+    (``vote_gain``) costs about 70 ms per new count signature, which dominates a replay."""
+    v1, v2 = leader_counts([s.answer for s in samples])
+    return pair_gain_per_sample(v1, v2, len(samples), prior, lookahead)
+
+
+@functools.lru_cache(maxsize=65536)
+def decision_gain(v1: int, v2: int, prior: float, lookahead: int = 2) -> float:
+    """Expected gain in P(the plurality of the top two is the mode of the pair) from ``lookahead`` more
+    votes between them: with p ~ Beta(v1 + prior, v2 + prior) the leader's share of the pair and
+    c = P(p > 1/2), the vote is right with probability max(c, 1 - c) now and, after x of the new votes go
+    to the leader (Beta-binomial), with E[max(c_x, 1 - c_x)]. Never negative (the maximum is convex)."""
+    a, b = v1 + prior, v2 + prior
+
+    def right(a_: float, b_: float) -> float:
+        c = beta_tail_above_half(a_, b_)
+        return max(c, 1.0 - c)
+
+    log_b = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    after = 0.0
+    for x in range(lookahead + 1):
+        log_p = (math.log(math.comb(lookahead, x)) + math.lgamma(a + x) + math.lgamma(b + lookahead - x)
+                 - math.lgamma(a + b + lookahead) - log_b)
+        after += math.exp(log_p) * right(a + x, b + lookahead - x)
+    return max(after - right(a, b), 0.0)
+
+
+def _coverage_verdict(solved: bool, drawn: int, horizon: int, prior: float, price: float,
+                      hopeless: int) -> tuple[str | None, float]:
+    """The same for a prompt under a verifier: a success decides it (stop at the first); the gain is the
+    posterior chance that the next sample is its first success, Beta(prior, prior + failures)'s mean."""
+    if solved or drawn >= horizon:
+        return "decided", 0.0
+    if is_hopeless((0,), drawn, hopeless):
+        return "hopeless", 0.0
+    gain = prior / (2 * prior + drawn)
+    return ("below price" if gain < price else None), gain
+
+
+class _Tally:
+    """A prompt's running state for ``stop_reallocate``: votes per answer, samples drawn, any success."""
+
+    def __init__(self):
+        self.votes: Counter = Counter()
+        self.drawn = 0
+        self.solved = False
+
+    def add(self, samples: Sequence[Sample]) -> None:
+        self.votes.update(s.answer for s in samples if s.answer is not None)
+        self.drawn += len(samples)
+        self.solved = self.solved or any(s.correct for s in samples)
+
+    def counts(self) -> tuple[int, ...]:
+        return tuple(sorted(self.votes.values(), reverse=True))
+
+
+def stop_reallocate(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
+                    utility: str = "majority", pilot: int = 2, threshold: float = 0.95, prior: float = 1.0,
+                    price: float = 0.0, hopeless: int = 0, k_max: int | None = 40) -> PolicyOutcome:
+    """Stopping and reallocation in one policy, in rounds.
+
+    Round 0 draws ``pilot`` samples per prompt (one for ``coverage``). After each round every open
+    prompt's posterior is updated and the prompt is stopped when it is
+    - decided: the Dirichlet cap-majority probability (``stopping.cap_majority_probability``, horizon =
+      the prompt's cap) reaches ``threshold``; for ``coverage``, a sample passed the verifier;
+    - hopeless (``is_hopeless``): ``hopeless`` samples and still no answer twice (no success);
+    - not worth its price: its expected marginal gain per sample (``gain_per_sample``; coverage: the
+      posterior chance of a first success) is below ``price``.
+    The pool then pays one more sample to the open prompts with the highest gain per unit cost. With
+    unit costs and one sample per prompt and round, taking them by decreasing gain is the exact
+    solution of the round's knapsack. Whatever a stopped prompt does not spend stays in the pool.
+    """
+    pilot = 1 if utility == "coverage" else pilot
+    _check_pilot(pilot, ids, budget)
+    cap = _capacity(generator, ids, k_max)
+    if utility == "majority" and int(cap.max()) > MAX_DIRICHLET_HORIZON:
+        raise ValueError(f"stop_reallocate needs a finite cap per prompt (k_max <= {MAX_DIRICHLET_HORIZON}), "
+                         f"got k_max={k_max!r} with a generator that does not bound the samples")
+    held: list[list[Sample]] = [[] for _ in ids]
+    tallies = [_Tally() for _ in ids]
+    _draw(generator, ids, np.minimum(np.full(len(ids), pilot), cap), held)
+    for t, h in zip(tallies, held):
+        t.add(h)
+    pool = budget - sum(len(h) for h in held)
+    open_ = np.arange(len(ids))
+    why: Counter = Counter()
+    rounds = 0
+    while pool > 0 and open_.size:
+        verdicts = [_coverage_verdict(tallies[i].solved, tallies[i].drawn, int(cap[i]), prior, price, hopeless)
+                    if utility == "coverage" else
+                    _majority_verdict(tallies[i].counts(), tallies[i].drawn, int(cap[i]), threshold, prior, price,
+                                      hopeless)
+                    for i in open_]
+        why.update(reason for reason, _ in verdicts if reason is not None)
+        going = np.array([reason is None for reason, _ in verdicts], dtype=bool)
+        open_, gains = open_[going], np.array([g for _, g in verdicts])[going]
+        if open_.size == 0:
+            break
+        take = open_[np.lexsort((rng.random(open_.size), -gains))[:pool]]
+        got = generator.sample([ids[i] for i in take], 1)
+        for i, new in zip(take, got):
+            held[i].extend(new)
+            tallies[i].add(new)
+        pool -= take.size
+        rounds += 1
+    return _finish(generator, ids, held, budget, utility, rng, rounds=rounds, stopped=dict(why))
+
+
 POLICY_FUNCTIONS: dict[str, Callable[..., PolicyOutcome]] = {
     "uniform": uniform,
     "oracle": oracle,
     "knapsack": knapsack,
     "sequential": sequential,
     "compute_optimal": compute_optimal,
+    "esc": esc,
+    "adaptive_consistency": adaptive_consistency,
+    "stop_reallocate": stop_reallocate,
 }
 
 
@@ -472,6 +727,8 @@ _PARAM_CHECKS: dict[str, Callable] = {
     "window": lambda v: check_integer("window", v, 1),
     "rule": lambda v: check_choice("rule", v, RULES),
     "priority": lambda v: check_choice("priority", v, PRIORITIES),
+    "price": lambda v: check_number("price", v, low=0),
+    "hopeless": lambda v: check_integer("hopeless", v, 0),
     "repeats": lambda v: check_integer("repeats", v, 1),
     "min_bin": lambda v: check_integer("min_bin", v, 0),
     "plan": _check_plan,

@@ -26,7 +26,7 @@ from scrimp.ttc.allocate import (
     fit_compute_optimal,
     run_policy,
 )
-from scrimp.ttc.evaluate import maj_at_k
+from scrimp.ttc.evaluate import maj_at_k, pass_at_k
 from scrimp.ttc.generate import ReplayGenerator, ReplayPrompt
 
 
@@ -40,6 +40,10 @@ class Curve:
     correct: np.ndarray
     spent: np.ndarray
     chosen: list[dict] = field(default_factory=list)
+    # (prompts, budgets, orders): the same before averaging over replay orders, for intervals that
+    # carry the order noise (``evaluate.bootstrap_ci_orders``, ``savings_at_equal_accuracy``)
+    correct_orders: np.ndarray | None = None
+    spent_orders: np.ndarray | None = None
 
 
 def split_folds(n: int, folds: int, seed: int) -> list[np.ndarray]:
@@ -65,9 +69,13 @@ def grid(space: Mapping[str, Sequence] | Sequence[Mapping[str, Sequence]]) -> li
     return [dict(zip(keys, vals)) for vals in itertools.product(*(space[k] for k in keys))]
 
 
-def uniform_exact(prompts: Sequence[ReplayPrompt], k: int) -> np.ndarray:
-    """Per-prompt exact expected accuracy of uniform majority voting with k samples (maj@k); a prompt
-    with fewer than k recorded samples votes over all of them (as the ``uniform`` policy caps)."""
+def uniform_exact(prompts: Sequence[ReplayPrompt], k: int, utility: str = "majority") -> np.ndarray:
+    """Per-prompt exact expected accuracy of uniform majority voting with k samples (maj@k), or with
+    ``utility="coverage"`` of a perfect verifier over them (pass@k); a prompt with fewer than k
+    recorded samples uses all of them (as the ``uniform`` policy caps)."""
+    if utility == "coverage":
+        return np.array([pass_at_k(len(p.samples), sum(bool(s.correct) for s in p.samples), min(k, len(p.samples)))
+                         for p in prompts])
     return np.array([maj_at_k([s.answer for s in p.samples], correct_answers(p), min(k, len(p.samples)))
                      for p in prompts])
 
@@ -78,20 +86,21 @@ def uniform_spend(prompts: Sequence[ReplayPrompt], k: int) -> np.ndarray:
 
 
 def replay_run(prompts: Sequence[ReplayPrompt], policy: str, budget: float, params: dict, *,
-               repeats: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean per-prompt correctness and spend of ``policy`` over ``repeats`` seeded replay orders."""
+               repeats: int, seed: int, per_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Mean per-prompt correctness and spend of ``policy`` over ``repeats`` seeded replay orders
+    (``per_order``: the (prompts, repeats) results before the mean)."""
     check_integer("repeats", repeats, 1)
     refs = [correct_answers(p) for p in prompts]
     ids = [p.id for p in prompts]
-    correct = np.zeros(len(prompts))
-    spent = np.zeros(len(prompts))
+    correct = np.zeros((len(prompts), repeats))
+    spent = np.zeros((len(prompts), repeats))
     for r in range(repeats):
         gen = ReplayGenerator(prompts, seed=seed + 7919 * r)
         extra = {"prompts": prompts} if policy == "oracle" and "prompts" not in params else {}
         out = run_policy(policy, gen, ids, budget, seed=seed + r, **params, **extra)
-        correct += [a is not None and a in ref for a, ref in zip(out.answers, refs)]
-        spent += out.spent
-    return correct / repeats, spent / repeats
+        correct[:, r] = [a is not None and a in ref for a, ref in zip(out.answers, refs)]
+        spent[:, r] = out.spent
+    return (correct, spent) if per_order else (correct.mean(1), spent.mean(1))
 
 
 def crossfit_curve(prompts: Sequence[ReplayPrompt], policy: str, budgets: Sequence[float], *,
@@ -115,8 +124,8 @@ def crossfit_curve(prompts: Sequence[ReplayPrompt], policy: str, budgets: Sequen
         check_budget(budget)
     check_integer("repeats", repeats, 1)
     check_integer("tune_repeats", tune_repeats, 1)
-    correct = np.zeros((len(prompts), len(budgets)))
-    spent = np.zeros((len(prompts), len(budgets)))
+    correct = np.zeros((len(prompts), len(budgets), repeats))
+    spent = np.zeros((len(prompts), len(budgets), repeats))
     chosen = []
     for f, eval_idx in enumerate(parts):
         calib = [prompts[i] for i in np.setdiff1d(np.arange(len(prompts)), eval_idx)]
@@ -135,12 +144,13 @@ def crossfit_curve(prompts: Sequence[ReplayPrompt], policy: str, budgets: Sequen
             if best is None:
                 raise ValueError(f"no parameter set of {policy} fits budget {budget} (all pilots cost more)")
             run_params = _materialize(policy, best, calib, seed + 101 * f)
-            acc, sp = replay_run(evaluation, policy, budget, run_params, repeats=repeats, seed=seed + 2000 + f)
+            acc, sp = replay_run(evaluation, policy, budget, run_params, repeats=repeats, seed=seed + 2000 + f,
+                                 per_order=True)
             correct[eval_idx, b], spent[eval_idx, b] = acc, sp
             chosen.append({"fold": f, "budget": budget, **best})
             if progress is not None:
                 progress()
-    return Curve(policy, list(budgets), correct, spent, chosen)
+    return Curve(policy, list(budgets), correct.mean(2), spent.mean(2), chosen, correct, spent)
 
 
 _PLANS: dict = {}

@@ -188,13 +188,22 @@ def savings_at_equal_accuracy(
     check_integer("n_boot", n_boot, 1)
     base = np.asarray(baseline_correct, float)
     spend, corr = np.asarray(policy_spend, float), np.asarray(policy_correct, float)
-    if spend.shape != corr.shape or spend.ndim != 2 or spend.shape[0] != base.shape[0]:
-        raise ValueError("policy_spend and policy_correct must both be (prompts, points) with the baseline's prompts")
+    if spend.ndim == 2:  # one result per prompt and point: a single "order"
+        spend, corr = spend[..., None], corr[..., None]
+    if spend.shape != corr.shape or spend.ndim != 3 or spend.shape[0] != base.shape[0]:
+        raise ValueError("policy_spend and policy_correct must both be (prompts, points) or (prompts, points, "
+                         "orders) with the baseline's prompts")
     base_spend = np.broadcast_to(np.asarray(baseline_budget, float), base.shape)
     if not (np.all(base_spend >= 0) and base_spend.mean() > 0):
         raise ValueError(f"baseline_budget must be a positive number of samples, got {baseline_budget!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    n = base.shape[0]
+
+    # Each prompt's value is the mean over its replay orders, whose noise (variance / orders) is part of
+    # the spread between prompts: resampling the prompts carries it (Davison & Hinkley, 1997, sec. 3.8:
+    # for two-stage data, resample the first stage only; resampling the orders too would count it twice).
+    spend, corr = spend.mean(2), corr.mean(2)
 
     def ratio(idx: np.ndarray) -> tuple[float, bool]:
         target, budget = base[idx].mean(), base_spend[idx].mean()
@@ -207,8 +216,11 @@ def savings_at_equal_accuracy(
         return (budget / need if need > 0 else math.inf), True
 
     rng = np.random.default_rng(seed)
-    n = base.shape[0]
-    stats, hit = zip(*(ratio(rng.integers(0, n, n)) for _ in range(n_boot)))
+
+    def resample() -> tuple[float, bool]:
+        return ratio(rng.integers(0, n, n))
+
+    stats, hit = zip(*(resample() for _ in range(n_boot)))
     stats, hit = np.array(stats), np.array(hit)
     alpha = (1 - level) / 2
     # A resample whose baseline is never right has no ratio (NaN): left out of the percentiles.
@@ -220,6 +232,30 @@ def savings_at_equal_accuracy(
     # a censored resample's upper value sits at or above it.
     return Savings(point, low, high, reached, float(1.0 - hit.mean()),
                    bool(np.any(~hit & (stats >= low - 1e-12))), bool(np.any(~hit & (stats >= high - 1e-12))))
+
+
+def bootstrap_ci_orders(per_order: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of per-prompt, per-order results (prompts, orders): the percentile bootstrap over
+    prompts of each prompt's mean over its replay orders. That mean carries the order noise
+    (variance / orders) into the spread between prompts, so the interval includes it: for two-stage data
+    the first stage alone is resampled (Davison & Hinkley, 1997, sec. 3.8); resampling the orders as well
+    would count their noise twice."""
+    values = np.asarray(per_order, dtype=float)
+    if values.ndim != 2:
+        raise ValueError("per_order must be (prompts, orders)")
+    return bootstrap_ci(values.mean(1), n_boot=n_boot, level=level, seed=seed)
+
+
+def first_success_spend(n: int, c: int, cap: int) -> float:
+    """Exact expected samples spent by "draw without replacement until the first verified success, at most
+    ``cap``" on a prompt with ``c`` successes among ``n`` recorded samples: E[min(T, cap)] =
+    sum_{t < cap} P(the first t draws all fail) = sum_{t < cap} C(n - c, t) / C(n, t). Its coverage is
+    pass@cap (``pass_at_k``), so the pair is the exact curve of stop-at-first-success."""
+    _check_nk(n, cap)
+    if not 0 <= c <= n:
+        raise ValueError(f"c (correct samples) must be in [0, n={n}], got {c}")
+    return float(sum(math.comb(n - c, t) / math.comb(n, t) for t in range(cap)))
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

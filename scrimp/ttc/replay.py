@@ -47,19 +47,25 @@ def _sample_from_json(obj, where: str, reference: str | None) -> Sample:
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise ValueError(f"{where}: each sample must be an object with a string 'text'")
     answer, correct, score, tokens = (obj.get(k) for k in SAMPLE_KEYS[1:])
+    # Checked before use: a numeric answer (JSON 42 instead of "42") reached exact_match as an int.
+    if answer is not None and not isinstance(answer, str):
+        raise ValueError(f"{where}: sample 'answer' must be a string or null, got {answer!r} (write numbers "
+                         "as strings, e.g. \"42\")")
     if "answer" not in obj:
         answer = extract_answer(obj["text"])
     if "correct" not in obj and reference is not None:
         correct = exact_match(answer, reference)
-    if answer is not None and not isinstance(answer, str):
-        raise ValueError(f"{where}: sample 'answer' must be a string or null")
     if correct is not None and not isinstance(correct, bool):
         raise ValueError(f"{where}: sample 'correct' must be true, false or null")
     if score is not None and (isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)):
         raise ValueError(f"{where}: sample 'score' must be a finite number or null")
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
         raise ValueError(f"{where}: sample 'tokens' must be a non-negative integer or null")
-    return Sample(obj["text"], normalize_answer(answer), tokens, None if score is None else float(score), correct)
+    # An answer the file states is what the vote compares, kept as written: normalizing it merged answers
+    # that differ only in case (CRUXEval's 'o' and 'O'), one right and one wrong, into one vote group.
+    if "answer" not in obj:
+        answer = normalize_answer(answer)
+    return Sample(obj["text"], answer, tokens, None if score is None else float(score), correct)
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, object]]:

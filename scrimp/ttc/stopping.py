@@ -33,6 +33,7 @@ _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(64)
 RULES = ("beta", "window", "either", "dirichlet")
 
 
+@functools.lru_cache(maxsize=65536)  # voting revisits the same (v1, v2) counts in every round and replay order
 def beta_tail_above_half(a: float, b: float) -> float:
     """P(X > 1/2) for X ~ Beta(a, b), a, b > 0, by Gauss-Legendre quadrature.
 

@@ -45,7 +45,8 @@ def test_parity_with_galore_torch_over_two_refreshes(proj_type):
     ref_model, our_model = mlp(), mlp()
     ref = galore_torch.GaLoreAdamW(galore_groups(ref_model, proj_type=proj_type), lr=1e-2,
                                      no_deprecation_warning=True)
-    ours = GaLoreAdamW(galore_groups(our_model, proj_type=proj_type), lr=1e-2, stagger=False)
+    # galore-torch keeps LAPACK's signs: sign_rule="solver" is the explicit parity option
+    ours = GaLoreAdamW(galore_groups(our_model, proj_type=proj_type), lr=1e-2, stagger=False, sign_rule="solver")
     run(ref_model, ref)  # 30 steps, gap 10: projectors refreshed at steps 10 and 20
     run(our_model, ours)
     assert ours.state[our_model[0].weight]["proj_refresh"] == 2
@@ -60,7 +61,7 @@ def test_weight_decay_is_decoupled_and_applied_first():
     lr, wd = 1e-2, 0.1
     ref_model, our_model = mlp(), mlp()
     ref = galore_torch.GaLoreAdamW(galore_groups(ref_model), lr=lr, weight_decay=0.0, no_deprecation_warning=True)
-    ours = GaLoreAdamW(galore_groups(our_model), lr=lr, weight_decay=wd, stagger=False)
+    ours = GaLoreAdamW(galore_groups(our_model), lr=lr, weight_decay=wd, stagger=False, sign_rule="solver")
 
     def decay_first():
         with torch.no_grad():
@@ -107,7 +108,8 @@ def test_8bit_parity_with_galore_torch_8bit_at_its_defaults(grad_scale, monkeypa
     torch.manual_seed(0)
     W0 = torch.randn(64, 128) * 0.1
     changes = []
-    for make in (galore_torch.GaLoreAdamW8bit, lambda groups, lr: GaLoreAdamW8bit(groups, lr=lr, stagger=False)):
+    for make in (galore_torch.GaLoreAdamW8bit, lambda groups, lr: GaLoreAdamW8bit(groups, lr=lr, stagger=False,
+                                                                                   sign_rule="solver")):
         W = torch.nn.Parameter(W0.clone())
         opt = make([{"params": [W], "rank": 32, "update_proj_gap": 5, "scale": 1.0, "proj_type": "std"}], lr=1e-2)
         g = torch.Generator().manual_seed(1)

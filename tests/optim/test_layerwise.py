@@ -223,7 +223,495 @@ def test_bad_groups_and_state_dicts_are_one_sentence():
         opt.load_state_dict({})
 
 
+def test_check_finite_must_be_a_bool():
+    model, groups = model_and_groups(rank=3)
+    with pytest.raises(ValueError, match="^check_finite must be True or False, got 'yes'$"):
+        layerwise(model, lambda gs: GaLoreAdamW(gs), groups=groups, check_finite="yes")
+
+
+def test_check_finite_false_lets_the_caller_own_the_check():
+    # The documented opt-out: no device flags, no host reads; a NaN then reaches the weights as with
+    # torch's own AdamW (which does not check) driven by hand.
+    model = TokenModel()
+    layerwise(model, FACTORIES["torch-adamw"][1], accumulate=1, groups=model.groups(), check_finite=False)
+    poison(model.out.weight)
+    token_loss(model, 0).backward()
+    assert torch.isnan(model.out.weight).all()
+
+
 def test_groups_given_as_a_generator_are_read_once():
     model, groups = model_and_groups(rank=3)
     opt = layerwise(model, lambda gs: GaLoreAdamW(gs), groups=(g for g in groups))
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+# -- the loops a user writes (issue 13, item 5) ------------------------------------------------------
+# Teacher-forced gradients: each micro-batch's "loss" is sum(p * g), whose gradient is exactly g, so
+# the two runs see the same gradients whatever their weights. Inside a window the gradient of a
+# projected weight is c_i * G with c = (1/8, 1/8, 1/4, 1/2): every partial sum is exact in binary
+# floating point, and scaling by a power of two commutes with rounding, so the sum of projections
+# equals the projection of the sum bit for bit and any difference from plain accumulation is a
+# plumbing error (a micro-batch lost, counted twice, or put in the wrong window), not rounding.
+# Plain parameters get independent random gradients: their sums are formed in .grad by autograd in
+# both runs, in the same order, so they too must agree bit for bit.
+DYADIC = (0.125, 0.125, 0.25, 0.5)
+
+
+def teacher_gradients(model, windows, seed=11):
+    """Per window, per micro-batch, one gradient per parameter of ``model_and_groups``'s model."""
+    g = torch.Generator().manual_seed(seed)
+    projected = {id(model[0].weight), id(model[2].weight)}
+    out = []
+    for _ in range(windows):
+        base = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+        window = []
+        for c in DYADIC:
+            window.append([c * b if id(p) in projected else torch.randn(p.shape, generator=g)
+                           for p, b in zip(model.parameters(), base)])
+        out.append(window)
+    return out
+
+
+def teacher_backward(model, grads):
+    sum((p * g).sum() for p, g in zip(model.parameters(), grads)).backward()
+
+
+TEACHER_FACTORIES = {
+    "galore": (dict(rank=3), lambda groups: GaLoreAdamW(groups, lr=1e-2, update_proj_gap=2)),
+    "adamw-groups": (dict(), lambda groups: GaLoreAdamW([{"params": g["params"]} for g in groups], lr=1e-2)),
+    "torch-adamw": FACTORIES["torch-adamw"],
+}
+
+
+def plain_accumulation(name, grads):
+    projection, factory = TEACHER_FACTORIES[name]
+    model, groups = model_and_groups(**projection)
+    opt = factory(groups)
+    for window in grads:
+        opt.zero_grad()
+        for micro in window:
+            teacher_backward(model, micro)
+        opt.step()
+    return model
+
+
+def step_per_window(model, opt, window):
+    for micro in window:
+        teacher_backward(model, micro)
+    opt.step()
+    opt.zero_grad()
+
+
+def step_every_backward(model, opt, window):
+    for micro in window:
+        teacher_backward(model, micro)
+        opt.step()
+        opt.zero_grad()
+
+
+def step_every_backward_zero_grad_per_window(model, opt, window):
+    for micro in window:
+        teacher_backward(model, micro)
+        opt.step()
+    opt.zero_grad()
+
+
+def step_per_window_without_zero_grad(model, opt, window):
+    for micro in window:
+        teacher_backward(model, micro)
+    opt.step()
+
+
+WORKING_LOOPS = [step_per_window, step_every_backward, step_every_backward_zero_grad_per_window,
+                 step_per_window_without_zero_grad]
+
+
+@pytest.mark.parametrize("loop", WORKING_LOOPS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("name", list(TEACHER_FACTORIES))
+def test_every_supported_loop_updates_exactly_as_plain_accumulation(name, loop):
+    # 6 windows of 4 with update_proj_gap 2: refresh windows (full sums in .grad) alternate with
+    # low-rank windows (projected sums), so both kinds of window and two refreshes are covered.
+    projection, factory = TEACHER_FACTORIES[name]
+    model, groups = model_and_groups(**projection)
+    grads = teacher_gradients(model, windows=6)
+    reference = plain_accumulation(name, grads)
+    opt = layerwise(model, factory, accumulate=4, groups=groups)
+    for window in grads:
+        loop(model, opt, window)
+        assert all(p.grad is None for p in model.parameters()) and not opt._accum
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(model[0].weight, model_and_groups(**projection)[0][0].weight)  # it really moved
+    if name == "galore":
+        assert opt.optimizer.state[model[0].weight]["proj_refresh"] >= 2
+
+
+def zero_grad_every_micro_batch(model, opt, window):
+    for i, micro in enumerate(window):
+        teacher_backward(model, micro)
+        if i == len(window) - 1:
+            opt.step()
+        opt.zero_grad()
+
+
+def zero_grad_before_every_backward(model, opt, window):
+    for i, micro in enumerate(window):
+        opt.zero_grad()
+        teacher_backward(model, micro)
+        if i == len(window) - 1:
+            opt.step()
+
+
+def step_every_second_backward(model, opt, window):
+    for i, micro in enumerate(window):
+        teacher_backward(model, micro)
+        if i % 2 == 1:
+            opt.step()
+            opt.zero_grad()
+
+
+def backward_without_step(model, opt, window):
+    for micro in window + window[:1]:
+        teacher_backward(model, micro)
+
+
+def model_zero_grad_inside_the_window(model, opt, window):
+    for i, micro in enumerate(window):
+        teacher_backward(model, micro)
+        if i == 1:
+            model.zero_grad()
+    opt.step()
+
+
+REFUSED_LOOPS = {
+    zero_grad_every_micro_batch: "zero_grad\\(\\) came after a backward pass that no step\\(\\) has taken",
+    zero_grad_before_every_backward: "zero_grad\\(\\) came after a backward pass that no step\\(\\) has taken",
+    step_every_second_backward: "step\\(\\) came after 2 backward passes since the previous step\\(\\)",
+    backward_without_step: "arrived 5 times without step\\(\\); with accumulate=4 call step\\(\\) after every",
+    model_zero_grad_inside_the_window: "the summed gradient of 4.bias was cleared inside an accumulation window",
+}
+
+
+@pytest.mark.parametrize("loop", list(REFUSED_LOOPS), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("name", ["galore", "torch-adamw"])
+def test_every_other_loop_is_refused_in_one_sentence_before_any_update(name, loop):
+    projection, factory = TEACHER_FACTORIES[name]
+    model, groups = model_and_groups(**projection)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = layerwise(model, factory, accumulate=4, groups=groups)
+    with pytest.raises(RuntimeError, match=REFUSED_LOOPS[loop]) as err:
+        loop(model, opt, teacher_gradients(model, windows=1)[0])
+    assert "\n" not in str(err.value)
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_accumulating_loop_with_accumulate_1_is_refused_at_the_second_backward():
+    # accumulate=1 updates inside each backward: a loop that sums 4 backward passes per step() would
+    # get 4 updates, not one. The second backward is refused at its first hook, before it updates.
+    model, groups = model_and_groups(rank=3)
+    opt = layerwise(model, TEACHER_FACTORIES["galore"][1], accumulate=1, groups=groups)
+    window = teacher_gradients(model, windows=1)[0]
+    teacher_backward(model, window[0])
+    assert opt.optimizer.state  # the first backward updated at once, as accumulate=1 does
+    after_first = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="arrived 2 times without step\\(\\); with accumulate=1 each backward "
+                                           "updates the weights at once"):
+        teacher_backward(model, window[1])
+    for a, b in zip(model.parameters(), after_first):
+        assert torch.equal(a, b)
+
+
+# -- non-finite gradients ---------------------------------------------------------------------------
+class TokenModel(torch.nn.Module):
+    """Embedding -> Linear -> Linear (no bias at the end: its weight is the first leaf backward reaches)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(16, 12)
+        self.hidden = torch.nn.Linear(12, 10)
+        self.out = torch.nn.Linear(10, 16, bias=False)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.hidden(self.embed(tokens))))
+
+    def groups(self):
+        return [{"params": [self.hidden.weight], "rank": 3},
+                {"params": [self.embed.weight, self.hidden.bias, self.out.weight]}]
+
+
+def token_loss(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 8, (6,), generator=g)  # tokens 8..15 are never used
+    return torch.nn.functional.cross_entropy(model(tokens), torch.randint(0, 16, (6,), generator=g))
+
+
+def poison(param, row=None):
+    """A tensor hook that puts NaN into ``param``'s gradient (in one row, or everywhere)."""
+    def hook(grad):
+        grad = grad.clone()
+        if row is None:
+            grad.fill_(float("nan"))
+        else:
+            grad[row] = float("nan")
+        return grad
+    return param.register_hook(hook)
+
+
+FACTORY = lambda gs: GaLoreAdamW(gs, lr=1e-2, update_proj_gap=2)  # noqa: E731
+
+
+def test_accumulate_1_nan_in_an_unused_embedding_row_never_reaches_the_embedding():
+    model = TokenModel()
+    opt = layerwise(model, FACTORY, accumulate=1, groups=model.groups())
+    token_loss(model, 0).backward()
+    opt.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = poison(model.embed.weight, row=12)  # a token that no batch uses
+    with pytest.raises(FloatingPointError, match=r"^the gradient of embed.weight holds inf or NaN; it was not "
+                                                 r"updated, nor any parameter whose gradient comes later"):
+        token_loss(model, 1).backward()
+    assert torch.equal(model.embed.weight, before["embed.weight"])
+    # the layers nearer the loss were updated earlier in the same backward, with finite gradients (documented)
+    assert not torch.equal(model.out.weight, before["out.weight"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    handle.remove()
+    token_loss(model, 2).backward()  # the next batch trains normally
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_accumulate_1_nan_in_the_first_gradient_of_backward_leaves_every_weight_unchanged():
+    model = TokenModel()
+    opt = layerwise(model, FACTORY, accumulate=1, groups=model.groups())
+    before = [p.detach().clone() for p in model.parameters()]
+    poison(model.out.weight)
+    with pytest.raises(FloatingPointError, match="^the gradient of out.weight holds inf or NaN"):
+        token_loss(model, 0).backward()
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+    assert not opt.optimizer.state  # no moment was created either
+
+
+@pytest.mark.parametrize("loop", [step_per_window, step_every_backward], ids=lambda f: f.__name__)
+def test_accumulate_4_nan_anywhere_in_a_window_updates_nothing_and_the_next_window_trains(loop):
+    # Window 2's second micro-batch carries a NaN in a row of the projected weight's gradient. No
+    # parameter may take window 2; windows 1 and 3 must be exactly plain accumulation of windows 1 and 3.
+    projection, factory = TEACHER_FACTORIES["galore"]
+    model, groups = model_and_groups(**projection)
+    grads = teacher_gradients(model, windows=3)
+    bad = [list(micro) for micro in grads[1]]
+    bad[1][0] = bad[1][0].clone()
+    bad[1][0][5, 2] = float("nan")
+    reference = plain_accumulation("galore", [grads[0], grads[2]])
+    opt = layerwise(model, factory, accumulate=4, groups=groups)
+    loop(model, opt, grads[0])
+    after_first = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match=r"^the gradient of 0.weight holds inf or NaN in this accumulation "
+                                                 r"window; no parameter was updated with the window"):
+        loop(model, opt, bad)
+    for a, b in zip(model.parameters(), after_first):
+        assert torch.equal(a, b)
+    assert all(p.grad is None for p in model.parameters()) and not opt._accum
+    opt.zero_grad()
+    loop(model, opt, grads[2])
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+# -- checkpoints inside a window --------------------------------------------------------------------
+def real_backward(model, batch):
+    loss_of(model, batch, 4).backward()
+
+
+@pytest.mark.parametrize("form", ["step-every-backward", "step-per-window"])
+@pytest.mark.parametrize("name", ["galore", "torch-adamw"])
+def test_checkpoint_inside_a_window_resumes_exactly(name, form, tmp_path):
+    # 4 windows of 4 real micro-batches, gap 2 (refresh and low-rank windows); the checkpoint is
+    # taken after 6 micro-batches: inside the second window, with low-rank sums, full sums in .grad
+    # and (step-per-window) two backward passes that no step() has taken yet.
+    projection, factory = FACTORIES[name]
+    batches = micro_batches(16)
+
+    def run(model, opt, part, start):
+        for j, batch in enumerate(part, start):
+            real_backward(model, batch)
+            if form == "step-every-backward" or j % 4 == 3:
+                opt.step()
+                opt.zero_grad()
+
+    ref_model, ref_groups = model_and_groups(**projection)
+    run(ref_model, layerwise(ref_model, factory, accumulate=4, groups=ref_groups), batches, 0)
+    model, groups = model_and_groups(**projection)
+    opt = layerwise(model, factory, accumulate=4, groups=groups)
+    run(model, opt, batches[:6], 0)
+    assert any(p.grad is not None for p in model.parameters())  # a partial window is pending
+    torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, tmp_path / "ck.pt")
+    blob = torch.load(tmp_path / "ck.pt", weights_only=True)
+    model2, groups2 = model_and_groups(**projection)
+    model2.load_state_dict(blob["model"])
+    opt2 = layerwise(model2, factory, accumulate=4, groups=groups2)
+    opt2.load_state_dict(blob["opt"])
+    run(model2, opt2, batches[6:], 6)
+    for a, b in zip(model2.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_nan_pending_in_a_saved_window_is_still_refused_after_resume():
+    projection, factory = TEACHER_FACTORIES["galore"]
+    model, groups = model_and_groups(**projection)
+    window = [list(micro) for micro in teacher_gradients(model, windows=1)[0]]
+    window[0][0] = window[0][0].clone()
+    window[0][0][0, 0] = float("inf")
+    opt = layerwise(model, factory, accumulate=4, groups=groups)
+    for micro in window[:2]:
+        teacher_backward(model, micro)  # low-rank or full: the projected sum no longer shows the inf
+    saved = opt.state_dict()
+    model2, groups2 = model_and_groups(**projection)
+    opt2 = layerwise(model2, factory, accumulate=4, groups=groups2)
+    opt2.load_state_dict(saved)
+    for micro in window[2:]:
+        teacher_backward(model2, micro)
+    with pytest.raises(FloatingPointError, match="^the gradient of 0.weight holds inf or NaN"):
+        opt2.step()
+
+
+# -- loaded state is checked against what it is loaded into -----------------------------------------
+def other_mlp(hidden=20, **projection):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10),
+                                torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    projected = [model[0].weight, model[2].weight]
+    rest = [p for p in model.parameters() if all(p is not q for q in projected)]
+    return model, [{"params": projected, **projection}, {"params": rest}]
+
+
+def saved_mid_window(name="galore", **projection):
+    projection = projection or FACTORIES[name][0]
+    model, groups = model_and_groups(**projection)
+    opt = layerwise(model, FACTORIES[name][1], accumulate=2, groups=groups)
+    for batch in micro_batches(3):  # window 1 done, window 2 half: low-rank sums pending
+        real_backward(model, batch)
+        opt.step()
+    return opt.state_dict()
+
+
+def refused(opt, saved, pattern):
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=pattern) as err:
+        opt.load_state_dict(saved)
+    assert "\n" not in str(err.value)
+    after = opt.state_dict()  # nothing was replaced
+    assert after["micro"] == before["micro"] and after["accum"].keys() == before["accum"].keys()
+    assert str(after["optimizer"]) == str(before["optimizer"])
+
+
+@pytest.mark.parametrize("name", ["galore", "torch-adamw"])
+def test_state_of_another_model_is_refused_naming_the_parameter(name):
+    saved = saved_mid_window(name)
+    model, groups = other_mlp(**FACTORIES[name][0])
+    opt = layerwise(model, FACTORIES[name][1], accumulate=2, groups=groups)
+    refused(opt, saved, r"^the saved layer-wise state has shape \(24, 12\) for 0.weight, which here has shape \(20, 12\)$")
+
+
+def test_state_with_another_parameter_count_is_refused():
+    saved = saved_mid_window()
+    model, groups = model_and_groups(rank=3)
+    groups[1]["params"] = groups[1]["params"][:-1]
+    model[4].bias.requires_grad_(False)
+    opt = layerwise(model, FACTORIES["galore"][1], accumulate=2, groups=groups)
+    refused(opt, saved, r"^the saved layer-wise state holds 6 parameters, this optimizer 5$")
+
+
+def test_low_rank_sums_of_another_rank_are_refused():
+    saved = saved_mid_window(rank=3)
+    model, groups = model_and_groups(rank=2)
+    opt = layerwise(model, FACTORIES["galore"][1], accumulate=2, groups=groups)
+    refused(opt, saved, r"^the saved low-rank window sum of 0.weight has shape \(24, 3\), but its group here "
+                        r"implies \(24, 2\)$")
+
+
+def test_bad_positions_indices_and_old_mid_window_states_are_refused():
+    model, groups = model_and_groups(rank=3)
+    opt = layerwise(model, FACTORIES["galore"][1], accumulate=2, groups=groups)
+    saved = saved_mid_window()
+    refused(opt, {**saved, "micro": 2}, r"^the saved micro-batch position must be an integer in \[0, 2\), got 2$")
+    refused(opt, {**saved, "grads": {6: torch.zeros(3)}},
+            r"^the saved 'grads' names parameter index 6, but this optimizer has 6 parameters$")
+    refused(opt, {**saved, "grads": {5: torch.zeros(4)}},
+            r"^the saved window gradient of 4.bias has shape \(4,\), the parameter \(3,\)$")
+    old = {k: saved[k] for k in ("optimizer", "micro", "accumulate", "accum")}  # the format before the window was saved
+    refused(opt, old, r"^this layer-wise state was saved inside an accumulation window by a version that did not")
+    fresh_model, fresh_groups = model_and_groups(rank=3)
+    at_boundary = layerwise(fresh_model, FACTORIES["galore"][1], accumulate=2, groups=fresh_groups).state_dict()
+    opt.load_state_dict({k: at_boundary[k] for k in ("optimizer", "micro", "accumulate", "accum")})  # still loads
+
+
+def test_per_parameter_torch_states_without_shapes_are_checked_by_their_moments():
+    saved = saved_mid_window("torch-adamw")
+    saved = {k: v for k, v in saved.items() if k != "shapes"}
+    model, groups = other_mlp()
+    opt = layerwise(model, FACTORIES["torch-adamw"][1], accumulate=2, groups=groups)
+    refused(opt, saved, r"^the saved window gradient of|^the saved exp_avg of 0.weight has shape \(24, 12\), the "
+                        r"parameter \(20, 12\)$")
+
+
+# -- through Lightning ----------------------------------------------------------------------------
+def lightning_fit(val_every, steps=6, ckpt_path=None, save_to=None, seed=0, first_batch=0):
+    """CausalLMModule with layer-wise GaLore, 2 micro-batches per window, on a real Lightning Trainer.
+    A plain DataLoader restarts its epoch on resume (while Lightning counts the epoch's batches on):
+    ``first_batch`` rotates the data so that the resumed fit gets the batches the interrupted one had
+    not seen (the project's data module positions its stream by itself)."""
+    lightning = pytest.importorskip("lightning")
+    from scrimp.training.module import CausalLMModule
+
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for _ in range(8)]
+    module = CausalLMModule("llama_tiny", {"name": "galore", "rank": 4, "update_proj_gap": 200, "lr": 1e-2,
+                                           "layerwise": True, "accumulate": 2}, vocab_size=64, seed=seed,
+                            grad_clip=None, total_steps=8)
+    trainer = lightning.Trainer(max_steps=steps, val_check_interval=val_every, limit_val_batches=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                num_sanity_val_steps=0, accelerator="cpu", deterministic=True, check_val_every_n_epoch=None)
+    loader = torch.utils.data.DataLoader(data[first_batch:] + data[:first_batch], batch_size=None)
+    trainer.fit(module, loader, torch.utils.data.DataLoader(data[:1], batch_size=None), ckpt_path=ckpt_path)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
+    return module
+
+
+@pytest.mark.slow
+def test_lightning_validation_and_resume_inside_a_window_keep_the_windows_sums(tmp_path):
+    # Lightning clears gradients before validation and when fit starts; inside a window those are the
+    # window's sums. A run validated after micro-batch 3 (inside window 2), saved there and resumed must
+    # give the weights of the run that trains straight through and validates only at its end.
+    reference = lightning_fit(val_every=6)
+    lightning_fit(val_every=3, steps=3, save_to=tmp_path / "mid.ckpt")
+    resumed = lightning_fit(val_every=3, ckpt_path=tmp_path / "mid.ckpt", first_batch=3)
+    for (name, a), b in zip(reference.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_the_modules_zero_grad_keeps_a_layerwise_windows_sums():
+    # Lightning calls LightningModule.zero_grad() before validation and when fit starts (the slow test
+    # above runs the real loop); inside a window the gradients are the window's sums and must stay.
+    from scrimp.training.module import CausalLMModule
+
+    module = CausalLMModule("llama_tiny", {"name": "galore", "rank": 4, "layerwise": True, "accumulate": 2},
+                            vocab_size=64, grad_clip=None, total_steps=8)
+    opt = module.build_optimizer()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    module(ids).backward()
+    opt.step()
+    pending = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    assert pending  # the plain parameters' sums of the first micro-batch
+    module.zero_grad()
+    for name, p in module.named_parameters():
+        if name in pending:
+            assert torch.equal(p.grad, pending[name])
+    module(ids).backward()
+    opt.step()  # the window closes: now zero_grad clears, as at any window boundary
+    module.zero_grad()
+    assert all(p.grad is None for p in module.parameters())

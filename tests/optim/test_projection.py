@@ -58,8 +58,11 @@ def test_gram_basis_signs_do_not_depend_on_the_solver():
     G = low_rank_matrix(20, 30, 4, seed=2)
     a = projection.eigh_basis(G, 4, "left", dtype=torch.float32)
     b = projection.eigh_basis(-G, 4, "left", dtype=torch.float32)  # same Gram, same basis
+    flipped = a * torch.tensor([1.0, -1.0, -1.0, 1.0])  # what another solver may return
+    oriented = projection.orient_basis(a, None, "canonical")
     assert torch.equal(a, b)
-    assert (a.gather(0, a.abs().argmax(0, keepdim=True)) > 0).all()
+    assert torch.equal(projection.orient_basis(flipped, None, "canonical"), oriented)
+    assert ((oriented * projection.sign_reference(20, "cpu")[:, None]).sum(0) >= 0).all()
 
 
 def test_random_basis_is_orthonormal_and_seeded():

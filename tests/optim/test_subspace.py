@@ -268,8 +268,10 @@ def test_steps_between_refreshes_never_wait_on_the_host(projector, residual):
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(12, 20)), torch.nn.Parameter(torch.randn(20, 12)),
           torch.nn.Parameter(torch.randn(7))]
+    # check_finite=False: the guard's one host read per step is deliberate (tests/optim/test_finite_guard.py);
+    # this test is about the update itself.
     opt = SubspaceAdamW([{"params": ps[:2], "rank": 3}, {"params": ps[2:]}], lr=1e-2, projector=projector,
-                        update_proj_gap=100, residual=residual, weight_decay=0.1)
+                        update_proj_gap=100, residual=residual, weight_decay=0.1, check_finite=False)
     for p in ps:
         p.grad = torch.randn_like(p)
     opt.step()  # the refresh: an SVD may read back to the host here, once per gap

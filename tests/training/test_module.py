@@ -246,9 +246,12 @@ trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, l
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
 try:
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(blocks, batch_size=None))
-    print(f"rank {trainer.global_rank}: finished", flush=True)
+    outcome = "finished"
 except FloatingPointError as err:
-    print(f"rank {trainer.global_rank}: stopped: {err}", flush=True)
+    outcome = f"stopped: {err}"
+# one file per rank: two processes printing to one stdout may interleave their lines
+with open(f"rank{trainer.global_rank}.txt", "w") as out:
+    out.write(f"rank {trainer.global_rank}: {outcome}")
 '''
 
 
@@ -261,7 +264,8 @@ def test_ddp_ranks_stop_together_when_one_ranks_loss_alone_is_infinite(tmp_path)
     script.write_text(_DDP_INF_ON_ONE_RANK)
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
-    assert len(lines) == 2, done.stdout + done.stderr[-2000:]
+    lines = [(tmp_path / f"rank{rank}.txt").read_text() if (tmp_path / f"rank{rank}.txt").exists() else ""
+             for rank in (0, 1)]
+    assert all(lines), done.stdout + done.stderr[-2000:]
     assert lines[0].startswith("rank 0: stopped: another rank's training loss")
     assert lines[1].startswith("rank 1: stopped: the training loss is inf")

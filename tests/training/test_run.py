@@ -155,7 +155,7 @@ def _assert_not_started(run_dir: Path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["optim.name=sgdx"], r"optimizer name must be one of \[.*'galore'.*\], got 'sgdx'"),
+        (["optim.name=sgdx"], r"^optim.name must be one of \[.*'galore'.*\], got 'sgdx'"),
         (["model.name=llama_huge"], r"^model.name 'llama_huge' is not a known model; choose one of .*llama_tiny"),
         (["data=text_files", "data.path=/nonexistent/corpus"], r"^data.path '/nonexistent/corpus' does not exist$"),
         (["optim.rank=128"], r"rank must be below min\(m, n\) = 128"),

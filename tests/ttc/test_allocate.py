@@ -22,7 +22,8 @@ def _outcome(esc_prompts, policy, seed, **params):
     return run_policy(policy, gen, [p.id for p in esc_prompts], B, seed=seed, **params)
 
 
-@pytest.mark.parametrize("policy", ["uniform", "knapsack", "sequential", "oracle", "compute_optimal"])
+@pytest.mark.parametrize("policy", ["uniform", "knapsack", "sequential", "oracle", "compute_optimal", "esc",
+                                    "adaptive_consistency", "stop_reallocate"])
 def test_spend_never_exceeds_budget_and_is_reproducible(esc_prompts, policy):
     calib_idx, eval_idx = split_folds(len(esc_prompts), 2, seed=0)
     evaluation = [esc_prompts[i] for i in eval_idx]

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -110,8 +111,9 @@ def test_summary_is_strict_json_when_nothing_is_judged_or_right(tmp_path):
     ("data=replay_file", "error: data.path must name a recorded-samples file"),
     ("data.path=/nonexistent/samples.jsonl", "error: "),
     ("+policy.params.k_max=-3", "error: k_max must be an integer >= pilot=2 (or None), got -3"),  # exited 0
-    ("+policy.params.foo=1", "error: policy sequential takes no parameter 'foo'"),  # a Hydra traceback
+    ("+policy.params.foo=1", "error: policy stop_reallocate takes no parameter 'foo'"),  # a Hydra traceback
     ("budget=abc", "error: budget must be a positive number of samples per prompt"),  # did not name budget
+    ("seed=-1", "error: seed must be an integer in [0, 4294967295]"),  # numpy's words, not the key's name
 ])
 def test_command_line_bad_input_is_one_sentence_without_a_traceback(override, message):
     import subprocess
@@ -130,12 +132,33 @@ def test_command_line_bad_input_is_one_sentence_without_a_traceback(override, me
     (["n_boot=0"], "n_boot must be an integer >= 1, got 0"),  # failed only after the whole curve
     (["tune_repeats=-1"], "tune_repeats must be an integer >= 1"),
     (["folds=1"], "folds must be an integer >= 2"),
-    (["curve_budgets=[0]"], "every curve_budgets entry must be a positive number of samples per prompt"),
+    (["curve_budgets=[0]"], "curve_budgets must be a non-empty list of positive numbers of samples per prompt"),
     (["policy=knapsack", "+policy.params.k_max=-3"], "k_max must be an integer >= pilot=2"),  # spent nothing
     (["policy=knapsack", "policy.space.prior=[-1.0]"], "prior must be a finite number > 0, got -1.0"),
     (["policy=compute_optimal", "policy.space.pilot=[0]"], "pilot must be an integer >= 1, got 0"),
     (["policy=uniform", "+policy.params.foo=1"], "policy uniform takes no parameter 'foo'"),
     (["tune_only=true", "+policy.params.prior=-1"], "prior must be a finite number > 0, got -1"),
+    # the validation layer's table (scrimp.training.validate.TTC_RULES): every key, by class
+    (["seed=-1"], re.escape("seed must be an integer in [0, 4294967295]")),  # was numpy's "expected non-negative integer"
+    (["seed=abc"], re.escape("seed must be an integer in [0, 4294967295]")),
+    (["seed=1.5"], re.escape("seed must be an integer in [0, 4294967295]")),
+    (["budget=0"], re.escape("budget must be a positive number of samples per prompt")),
+    (["budget=inf"], re.escape("budget must be a positive number of samples per prompt")),
+    (["baseline_budget=2.5"], re.escape("baseline_budget must be an integer >= 1")),
+    (["baseline_budget=abc"], re.escape("baseline_budget must be an integer >= 1")),
+    (["curve_budgets=[]"], re.escape("curve_budgets must be a non-empty list")),
+    (["curve_budgets=abc"], re.escape("curve_budgets must be a non-empty list")),
+    (["curve_budgets=[2,abc]"], re.escape("curve_budgets must be a non-empty list")),
+    (["folds=abc"], re.escape("folds must be an integer >= 2")),
+    (["repeats=1.5"], re.escape("repeats must be an integer >= 1")),
+    (["n_boot=abc"], re.escape("n_boot must be an integer >= 1")),
+    (["tune_only=maybe"], re.escape("tune_only must be true or false, got 'maybe'")),
+    (["objectives=[speed]"], re.escape("objectives must be a non-empty list, each item one of ['accuracy', 'spend']")),
+    (["objectives=[]"], re.escape("objectives must be a non-empty list")),
+    (["data.format=csv"], re.escape("data.format must be one of ['esc', 'replay'], got 'csv'")),
+    (["data.path=5"], re.escape("data.path must name a recorded-samples file")),
+    (["policy.name=5"], re.escape("policy.name must be one of")),
+    (["policy.params=abc"], re.escape("policy.params must be a mapping")),
 ])
 def test_bad_settings_are_refused_before_the_data_is_read(tmp_path, monkeypatch, overrides, message):
     import experiments.ttc as entry
@@ -151,7 +174,7 @@ def test_bad_settings_are_refused_before_the_data_is_read(tmp_path, monkeypatch,
 def test_summary_write_leaves_no_temporary_file_when_it_fails(tmp_path, monkeypatch):
     import os
 
-    from experiments.ttc import _atomic_json
+    from scrimp.ttc.run import write_json as _atomic_json  # the job moved into the library
 
     with pytest.raises(TypeError):
         _atomic_json({"x": object()}, tmp_path / "summary.json")  # not serializable

@@ -88,3 +88,45 @@ def test_the_converter_command_ends_with_one_sentence(monkeypatch, argv, message
     monkeypatch.setattr(sys, "argv", ["replay", *argv])
     with pytest.raises(SystemExit, match=message):
         runpy.run_module("scrimp.ttc.replay", run_name="__main__")
+
+
+_SAMPLE = {"text": "The answer is 7.", "answer": "7", "correct": True, "score": 0.5, "tokens": 3}
+
+
+@pytest.mark.parametrize("prompt,sample,message", [
+    ({}, {"answer": 42}, "sample 'answer' must be a string or null, got 42"),  # was a TypeError in exact_match
+    ({}, {"answer": 4.5, "correct": None}, "sample 'answer' must be a string or null, got 4.5"),
+    ({}, {"answer": ["7"]}, "sample 'answer' must be a string or null"),
+    ({"reference": 7}, {}, "'reference' must be a string or null"),
+    ({}, {"correct": "yes"}, "sample 'correct' must be true, false or null"),
+    ({}, {"score": True}, "sample 'score' must be a finite number or null"),
+    ({}, {"score": "high"}, "sample 'score' must be a finite number or null"),
+    ({}, {"tokens": -1}, "sample 'tokens' must be a non-negative integer or null"),
+    ({}, {"tokens": 2.5}, "sample 'tokens' must be a non-negative integer or null"),
+    ({}, {"text": 7}, "each sample must be an object with a string 'text'"),
+    ({"prompt": 7}, {}, "each line must be an object with 'id' and a string 'prompt'"),
+    ({"samples": "The answer is 7."}, None, "'samples' must be a list"),
+])
+def test_a_wrong_type_in_a_replay_file_is_one_sentence_naming_the_line(tmp_path, prompt, sample, message):
+    # The second line is bad; the first is good, so the sentence must name line 2 of this file.
+    good = {"id": "a", "prompt": "q", "reference": "7", "samples": [_SAMPLE]}
+    bad = {**good, "id": "b", "samples": [{**_SAMPLE, **sample}] if sample is not None else None, **prompt}
+    path = tmp_path / "typed.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError) as err:
+        load_replay(path)
+    assert str(err.value).startswith("typed.jsonl line 2: ") and message in str(err.value), str(err.value)
+
+
+def test_answers_a_file_states_are_kept_as_written_so_that_case_distinct_answers_vote_apart(tmp_path):
+    # CRUXEval output prediction: 'O' is right and 'o' is wrong. Normalizing the stated answers merged them
+    # into one vote group flagged right, so maj@3 counted the two wrong samples as right (it was 1.0).
+    from scrimp.ttc.crossfit import uniform_exact
+
+    samples = [{"text": "t", "answer": "'o'", "correct": False}] * 2 + [{"text": "t", "answer": "'O'", "correct": True}]
+    path = tmp_path / "case.jsonl"
+    path.write_text(json.dumps({"id": "c", "prompt": "q", "reference": "'O'", "samples": samples}) + "\n")
+    prompt = load_replay(path)[0]
+    assert [s.answer for s in prompt.samples] == ["'o'", "'o'", "'O'"]
+    assert uniform_exact([prompt], 3)[0] == 0.0  # 'o' holds the plurality of all three
+    assert uniform_exact([prompt], 1)[0] == pytest.approx(1 / 3)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from scrimp.optim.zo.optimizer import check_record
+
 
 def _atomic_save(obj, path: str | os.PathLike) -> None:
     path = Path(path)
@@ -70,6 +72,13 @@ def restore(params: Iterable[torch.Tensor], optimizer, full_path, log_path=None)
         if param.shape != saved.shape:
             raise ValueError(f"checkpoint parameter {index} has shape {tuple(saved.shape)}, the model's has "
                              f"{tuple(param.shape)}")
+    optimizer.check_state_dict(full["optimizer"])
+    if log is not None:
+        for index, record in enumerate(log["records"]):
+            try:
+                check_record(record, len(optimizer.param_groups))
+            except (ValueError, FloatingPointError) as err:
+                raise ValueError(f"{log_path}: record {index} cannot be replayed: {err}") from None
     with torch.no_grad():
         for param, saved in zip(params, full["params"]):
             param.copy_(saved)

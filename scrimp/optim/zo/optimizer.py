@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from scrimp.checks import check_integer, check_number, is_integer
+from scrimp.optim import state_check
 from scrimp.optim.zo.perturbation import hook_perturbation, inplace_perturb_, mix_seed
 from scrimp.optim.zo.rules import AdamRule, Plan, SGDRule
 from scrimp.optim.zo.rules import momentum_window as window_for_momentum
@@ -38,6 +39,23 @@ def _as_loss(value, what: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"the closure must return the loss as a tensor or a number, got {type(value).__name__}")
     return value.detach()
+
+
+def check_record(record: dict, n_groups: int) -> None:
+    """Raise one sentence unless ``record`` (``make_record``'s) has one seed per projected gradient,
+    one lr and weight decay per group, and only finite scalars: it is about to move every weight."""
+    if not isinstance(record, dict) or not {"seeds", "grads", "lrs", "weight_decays"} <= set(record):
+        raise ValueError(f"a step record needs seeds, grads, lrs and weight_decays, got {record!r:.80}")
+    if len(record["seeds"]) != len(record["grads"]):
+        raise ValueError(f"a step record has {len(record['seeds'])} seeds and {len(record['grads'])} projected gradients")
+    for key in ("lrs", "weight_decays"):
+        if len(record[key]) != n_groups:
+            raise ValueError(f"a step record has {len(record[key])} {key} for {n_groups} parameter group(s)")
+    for key in ("grads", "lrs", "weight_decays"):
+        values = torch.as_tensor(record[key], dtype=torch.float64)
+        if not bool(torch.isfinite(values).all()):
+            raise FloatingPointError(f"a step record's {key} hold inf or NaN ({values.tolist()[:4]}); refusing to apply "
+                                     "it to the weights (a diverged loss difference, a tiny eps or a NaN lr)")
 
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
@@ -256,7 +274,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         }
 
     def commit(self, record: dict, apply: bool = True) -> Plan:
-        """Book a step (counters, momentum window, log) and return its plan; apply it to all params if asked."""
+        """Book a step (counters, momentum window, log) and return its plan; apply it to all params if asked.
+
+        A record whose projected gradients, lrs or weight decays are not finite is refused before
+        anything is booked: the closure path never makes one (``_finite_loss`` skips non-finite
+        losses), but an eps small enough to overflow ``(f+ - f-) / (2 eps)``, a scheduler's NaN lr
+        or a replayed log can.
+        """
+        check_record(record, len(self.param_groups))
         self.steps += 1
         self.window = (self.window + [record])[-self.rule.window :]
         self.log.append(record)
@@ -329,21 +354,69 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     # ---- checkpoint state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Torch optimizer state plus ``zo``: counters, momentum window and the log since the last full save."""
-        state = super().state_dict()
+        state = state_check.tag_state_dict(super().state_dict(), self)
         state["zo"] = {
             "draws": self.draws,
             "steps": self.steps,
             "skipped": self.skipped,
             "window": list(self.window),
             "log": list(self.log),
+            "settings": self.rule_settings(),
         }
         return state
 
+    def rule_settings(self) -> dict:
+        """The update rule's settings that a loaded state must match: they decide what the saved
+        window means (the rule, momentum, sign, the replayed window) and which directions the next
+        steps draw (seed). Saved in the ``zo`` entry. ZOAdam's betas and eps pass, as the first-order
+        optimizers' do."""
+        rule = self.rule
+        settings = {"seed": self.seed, "rule": type(rule).__name__}
+        if isinstance(rule, SGDRule):
+            settings.update(momentum=rule.momentum, sign=rule.sign, momentum_window=rule.window)
+        return settings
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        """Raise ``state_check.StateDictMismatch`` (one sentence) if ``state_dict`` does not fit this
+        optimizer; change nothing. Checked: the class (tagged, or inferred), the group structure,
+        the rule's settings (``rule_settings``; state dicts saved before they were recorded skip
+        this), every moment's shape against its parameter (ZOAdam; ZOSGD keeps no tensors), and
+        that every saved record has one lr and one weight decay per group and finite scalars.
+        lr, weight_decay, eps and n_queries may change on resume."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+            state_check.refuse(self, "it is not an optimizer state dict (it needs 'state' and 'param_groups' entries)")
+        zo = state_dict.get("zo")
+        if not isinstance(zo, dict) or not {"draws", "steps", "skipped", "window", "log"} <= set(zo):
+            state_check.check_class(self, state_dict)  # names the writer when its keys tell
+            state_check.refuse(self, "it has no 'zo' entry with the counters, window and log, so it was not written by "
+                                     "a zeroth-order optimizer")
+        saved_groups = state_check.untag_groups(state_dict["param_groups"])
+        state_check.check_loadable(self, state_dict, saved_groups, settings=lambda group: {}, spec=self._state_spec)
+        saved = zo.get("settings", {})
+        for key, value in self.rule_settings().items():
+            if key in saved and saved[key] != value:
+                state_check.refuse(self, f"its {key} is {saved[key]!r} in the state dict and {value!r} in this optimizer; "
+                                         "build the optimizer with the saved value to resume this state")
+        for name in ("window", "log"):
+            for index, record in enumerate(zo[name]):
+                try:
+                    check_record(record, len(self.param_groups))
+                except (ValueError, FloatingPointError) as err:
+                    state_check.refuse(self, f"record {index} of its {name} is not usable: {err}")
+
+    def _state_spec(self, param: torch.Tensor, group: dict) -> dict[str, state_check.Expect]:
+        if isinstance(self.rule, AdamRule) and param.requires_grad:
+            moment = state_check.Expect(shape=tuple(param.shape), why="the parameter's shape")
+            return {"exp_avg": moment, "exp_avg_sq": moment}
+        why = f"{type(self).__name__} keeps no per-parameter tensors here"
+        return {"exp_avg": state_check.Expect(absent=True, why=why),
+                "exp_avg_sq": state_check.Expect(absent=True, why=why)}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        zo = state_dict.pop("zo", None)
-        if zo is None:
-            raise ValueError("state_dict has no 'zo' entry: it was not written by a zeroth-order optimizer")
+        """Load a state dict that ``check_state_dict`` accepts; else nothing changes."""
+        self.check_state_dict(state_dict)
+        state_dict = dict(state_dict, param_groups=state_check.untag_groups(state_dict["param_groups"]))
+        zo = state_dict.pop("zo")
         super().load_state_dict(state_dict)
         self.draws, self.steps, self.skipped = int(zo["draws"]), int(zo["steps"]), int(zo["skipped"])
         self.window, self.log = list(zo["window"]), list(zo["log"])

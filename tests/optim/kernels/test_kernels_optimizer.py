@@ -11,6 +11,7 @@ check compiled on CUDA with a larger model.
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -35,11 +36,30 @@ def groups(model, **projection):
     return [{"params": weights, **projection}, {"params": others}]
 
 
-def train(model, optimizer, data, targets):
+def train(model, optimizer, data, targets, rank=None):
+    """Train on the batches; with ``rank``, return the largest subspace sensitivity seen (``sensitivity``)."""
+    worst = 0.0
     for x, y in zip(data, targets):
         optimizer.zero_grad(set_to_none=True)
         torch.nn.functional.mse_loss(model(x), y).backward()
+        if rank is not None:
+            worst = max([worst] + [sensitivity(p.grad, rank) for p in model.parameters() if p.dim() == 2])
         optimizer.step()
+    return worst
+
+
+def sensitivity(G, rank):
+    """sigma_1 / (sigma_r - sigma_{r+1}): how much a relative perturbation of G moves its top-r subspace
+    (Davis-Kahan / Wedin). Rounding the same step two ways perturbs G and P^T G by about u relative."""
+    s = torch.linalg.svdvals(G.detach().double().cpu())
+    return float(s[0] / (s[rank - 1] - s[rank]))
+
+
+def derived_tolerance(worst_sensitivity, sizes):
+    """Relative difference two fp32 evaluations of the same run may show after STEPS steps: each step
+    rounds its reductions (length up to max(sizes): about u sqrt(max(sizes)) relative), a refresh
+    amplifies what reached the gradient by the subspace sensitivity, and the moments carry it on."""
+    return STEPS * 2.0**-24 * math.sqrt(max(sizes)) * worst_sensitivity
 
 
 @pytest.fixture
@@ -64,7 +84,7 @@ def forced_triton(monkeypatch, fused):
     return calls
 
 
-def compare_fused_with_torch_path(make_optimizer, sizes, device, calls, tol, fused_flag=True):
+def compare_fused_with_torch_path(make_optimizer, sizes, device, calls, fused_flag=True, rank=5):
     gen = torch.Generator().manual_seed(1)
     data = [torch.randn(16, sizes[0], generator=gen).to(device) for _ in range(STEPS)]
     targets = [torch.randn(16, sizes[-1], generator=gen).to(device) for _ in range(STEPS)]
@@ -73,7 +93,8 @@ def compare_fused_with_torch_path(make_optimizer, sizes, device, calls, tol, fus
         model = make_model(sizes, seed=0, device=device)
         models.append(model)
         optimizers.append(make_optimizer(model, fused))
-        train(model, optimizers[-1], data, targets)
+        worst = train(model, optimizers[-1], data, targets, rank=rank)
+    tol = derived_tolerance(worst, sizes)
     n_weights = sum(p.dim() == 2 for p in models[0].parameters())
     assert calls["n"] == STEPS * n_weights, "the engine did not route every projected step to the kernels"
     for (name, p_fused), p_torch in zip(models[0].named_parameters(), models[1].parameters()):
@@ -84,7 +105,7 @@ def compare_fused_with_torch_path(make_optimizer, sizes, device, calls, tol, fus
         for key in ("exp_avg", "exp_avg_sq"):
             if key in s_torch:
                 delta = (s_fused[key] - s_torch[key]).double().norm() / s_torch[key].double().norm()
-                assert delta < tol, f"{key}: relative difference {float(delta):.2e}"
+                assert delta < tol, f"{key}: relative difference {float(delta):.2e} (derived limit {tol:.1e})"
 
 
 def make_galore(model, fused):
@@ -109,28 +130,28 @@ def make_scaled(model, fused):
 
 
 def test_galore_fused_equals_torch_path_over_20_steps(device, forced_triton):
-    compare_fused_with_torch_path(make_galore, (37, 53, 29), device, forced_triton, tol=1e-5)
+    compare_fused_with_torch_path(make_galore, (37, 53, 29), device, forced_triton)
 
 
 def test_frugal_fused_equals_torch_path_over_20_steps(device, forced_triton):
-    compare_fused_with_torch_path(make_frugal, (37, 53, 29), device, forced_triton, tol=1e-5)
+    compare_fused_with_torch_path(make_frugal, (37, 53, 29), device, forced_triton)
 
 
 def test_scaled_residual_fused_equals_torch_path_over_20_steps(device, forced_triton):
-    compare_fused_with_torch_path(make_scaled, (37, 53, 29), device, forced_triton, tol=1e-5)
+    compare_fused_with_torch_path(make_scaled, (37, 53, 29), device, forced_triton)
 
 
 @pytest.mark.gpu
 def test_galore_uses_kernels_by_default_on_cuda_and_equals_torch_path(forced_triton):
     # fused=None (the default): the call counter proves the engine chose the kernels by itself.
-    compare_fused_with_torch_path(make_galore, (256, 700, 300), "cuda", forced_triton, tol=1e-5, fused_flag=None)
+    compare_fused_with_torch_path(make_galore, (256, 700, 300), "cuda", forced_triton, fused_flag=None)
 
 
 @pytest.mark.gpu
 def test_frugal_fused_equals_torch_path_on_cuda(forced_triton):
-    compare_fused_with_torch_path(make_frugal, (256, 700, 300), "cuda", forced_triton, tol=1e-5)
+    compare_fused_with_torch_path(make_frugal, (256, 700, 300), "cuda", forced_triton)
 
 
 @pytest.mark.gpu
 def test_scaled_residual_fused_equals_torch_path_on_cuda(forced_triton):
-    compare_fused_with_torch_path(make_scaled, (256, 700, 300), "cuda", forced_triton, tol=1e-5)
+    compare_fused_with_torch_path(make_scaled, (256, 700, 300), "cuda", forced_triton)
