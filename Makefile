@@ -10,7 +10,9 @@ STAMP  := $(VENV)/.scrimp-installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	# pip >= 22.3 (`pip --python`) and setuptools >= 77 (SPDX license): tests/test_packaging.py builds and
+	# installs the wheel offline with them.
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77"
 	# torch first, on its own: a bare `torch` would pull a multi-GB CUDA build on a CPU machine.
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH)"

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scrimp._extras import require
+from scrimp._extras import MissingExtraError, require
 
 
 def config_dir() -> Path:
@@ -83,9 +83,14 @@ def ttc_job(cfg) -> float | list[float]:
     return float(summary["accuracy"])
 
 
-def _run_hydra(job, config_path: Path, config_name: str):
-    require("hydra", f"scrimp's {config_name} command")
-    require("lightning" if config_name == "train" else "omegaconf", f"scrimp's {config_name} command")
+def _run_hydra(job, command: str, config_path: Path, config_name: str):
+    """Run ``job`` under ``@hydra.main`` on ``config_path``; a missing extra ends in its one sentence."""
+    needs = ("hydra", "lightning") if command == "train" else ("hydra",)
+    try:
+        for module in needs:
+            require(module, f"scrimp-{command}")
+    except MissingExtraError as err:
+        raise SystemExit(f"error: {err}") from None
     import hydra
 
     return hydra.main(version_base="1.3", config_path=str(config_path), config_name=config_name)(job)()
@@ -93,12 +98,12 @@ def _run_hydra(job, config_path: Path, config_name: str):
 
 def train_main() -> None:
     """``scrimp-train [overrides...]``: the Hydra training CLI on the packaged configs."""
-    _run_hydra(train_job, config_dir(), "train")
+    _run_hydra(train_job, "train", config_dir(), "train")
 
 
 def ttc_main() -> None:
     """``scrimp-ttc [overrides...]``: the Hydra test-time-compute CLI on the packaged configs."""
-    _run_hydra(ttc_job, config_dir() / "ttc", "config")
+    _run_hydra(ttc_job, "ttc", config_dir() / "ttc", "config")
 
 
 def main(argv: list[str] | None = None) -> None:

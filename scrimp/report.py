@@ -28,7 +28,8 @@ COLUMNS = ("run", "optimizer", "status", "steps", "{metric}", "optimizer state",
 class RunRow:
     """One run's line of the table, read from its summary.json."""
 
-    label: str
+    label: str  # the run's folder (relative to the folder given)
+    overrides: tuple[str, ...]  # the job's command-line overrides, when Hydra recorded them
     optimizer: str
     status: str
     steps: int
@@ -54,17 +55,26 @@ def find_summaries(folders: list[str | Path]) -> list[Path]:
     return found
 
 
-def _job_label(summary_path: Path, root: Path | None) -> str:
-    """The job's command-line overrides when Hydra recorded them, else its folder."""
-    overrides = summary_path.parent / ".hydra" / "overrides.yaml"
-    if overrides.is_file():
-        items = [line[2:].strip() for line in overrides.read_text().splitlines() if line.startswith("- ")]
-        if items:
-            return " ".join(items)
+def _overrides(summary_path: Path) -> tuple[str, ...]:
+    """The job's command-line overrides from Hydra's ``.hydra/overrides.yaml`` (a YAML list of strings)."""
+    path = summary_path.parent / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ()
+    return tuple(line[2:].strip() for line in path.read_text().splitlines() if line.startswith("- "))
+
+
+def _folder_label(summary_path: Path, root: Path | None) -> str:
     folder = summary_path.parent
     if root is not None and folder.is_relative_to(root) and folder != root:
         return str(folder.relative_to(root))
     return folder.name
+
+
+def labels(rows: list[RunRow]) -> list[str]:
+    """What tells the runs apart: the overrides not shared by every run (all of them for a single run),
+    else the folder."""
+    common = set.intersection(*(set(r.overrides) for r in rows)) if len(rows) > 1 else set()
+    return [" ".join(o for o in r.overrides if o not in common) or r.label for r in rows]
 
 
 def read_row(summary_path: Path, metric: str, root: Path | None = None) -> RunRow:
@@ -76,7 +86,7 @@ def read_row(summary_path: Path, metric: str, root: Path | None = None) -> RunRo
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{summary_path} is not a scrimp training summary ({type(err).__name__}: {err})") from None
     nan = float("nan")
-    return RunRow(label=_job_label(summary_path, root),
+    return RunRow(label=_folder_label(summary_path, root), overrides=_overrides(summary_path),
                   optimizer=str(summary.get("optimizer", {}).get("name", "?")),
                   status=str(summary.get("status", "?")),
                   steps=int(summary.get("steps", 0)),
@@ -106,8 +116,9 @@ def _num(x: float, fmt: str) -> str:
 def format_table(rows: list[RunRow], metric: str = DEFAULT_METRIC) -> str:
     """A plain-text table (no rich needed), one line per run, in the order given."""
     header = [c.format(metric=metric) for c in COLUMNS]
-    body = [[r.label, r.optimizer, r.status, str(r.steps), _num(r.metric, ".4f"), _mib(r.state_bytes),
-             _num(r.state_bytes / r.adamw_state_bytes, ".3f"), _num(r.tokens_per_s, ".0f")] for r in rows]
+    body = [[label, r.optimizer, r.status, str(r.steps), _num(r.metric, ".4f"), _mib(r.state_bytes),
+             _num(r.state_bytes / r.adamw_state_bytes, ".3f"), _num(r.tokens_per_s, ".0f")]
+            for label, r in zip(labels(rows), rows)]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def fmt(line: list[str]) -> str:
@@ -126,9 +137,9 @@ def write_plot(rows: list[RunRow], path: Path, metric: str = DEFAULT_METRIC) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in rows:
+    for label, r in zip(labels(rows), rows):
         ax.scatter(r.state_bytes / 2**20, r.metric)
-        ax.annotate(r.label, (r.state_bytes / 2**20, r.metric), fontsize=7, xytext=(4, 2),
+        ax.annotate(label, (r.state_bytes / 2**20, r.metric), fontsize=7, xytext=(4, 2),
                     textcoords="offset points")
     ax.set_xlabel("optimizer state (MiB)")
     ax.set_ylabel(metric)

@@ -22,7 +22,8 @@ from .layerwise import layerwise as make_layerwise
 
 COMMON_KEYS = ("lr", "weight_decay", "betas", "eps")
 WRAPPER_KEYS = ("layerwise", "accumulate", "clip_grad_norm")
-GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "projector", "stagger", "seed", "sign_rule")
+GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "projector", "stagger", "seed", "sign_rule",
+                     "moment_policy")
 GALORE_KEYS = ("target_modules", "eps_style")
 FRUGAL_GROUP_KEYS = ("density", "rank")
 FRUGAL_KEYS = ("update_gap", "proj_type", "inactive_update_rule", "inactive_lr_scale", "proj_params_lr_scale",

@@ -14,7 +14,12 @@ The reduction differs by device, for speed, not for meaning:
   numbers is non-finite whenever one term is (NaN propagates, inf + finite = inf, inf - inf =
   NaN), so a finite sum proves every entry finite. The converse does not hold: finite entries
   whose sum overflows read as non-finite, and the one-by-one search then finds nothing and
-  clears them (``first_nonfinite`` returns None).
+  clears them (``first_nonfinite`` returns None, ``all_finite_exact`` returns True).
+
+Three verdicts, one rule: ``all_finite_flag`` (on the device, may raise a false alarm off CUDA),
+``all_finite_exact`` (never a false alarm; stays on the device on CUDA, where the reduction is
+already exact, and reads the host elsewhere) and
+``first_nonfinite`` (the offender's index). Sparse tensors are judged by their stored values.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+
+def _values(t: Tensor) -> Tensor:
+    """The entries that hold values: a sparse tensor's stored values (its implicit zeros are finite)."""
+    return t.coalesce().values() if t.is_sparse else t
 
 
 def _reductions(tensors: Sequence[Tensor]) -> Tensor:
@@ -39,18 +49,42 @@ def all_finite_flag(tensors: Sequence[Tensor]) -> Tensor:
     finite, or, rarely, False for finite entries whose sum overflows (see the module doc)."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
+        by_device.setdefault(t.device, []).append(_values(t))
     flags = [_reductions(ts).isfinite().all() for ts in by_device.values()]
     if len(flags) == 1:
         return flags[0]
     return torch.stack([f.to(flags[0].device) for f in flags]).all()
 
 
-def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
-    """Index of the first tensor that holds inf or NaN, else None; one host read when all are finite.
+def _search(held: Sequence[tuple[int, Tensor]]) -> int | None:
+    """The exact search, tensor by tensor (the failure path only: one host read per tensor)."""
+    return next((i for i, t in held if not bool(torch.isfinite(_values(t)).all())), None)
 
-    Tensors on the meta device hold no values (``estimate_peak`` steps optimizers there): skipped."""
-    held = [(i, t) for i, t in enumerate(tensors) if t.device.type != "meta"]
+
+def _with_values(tensors: Sequence[Tensor]) -> list[tuple[int, Tensor]]:
+    # Tensors on the meta device hold no values (``estimate_peak`` steps optimizers there): skipped.
+    return [(i, t) for i, t in enumerate(tensors) if t.device.type != "meta"]
+
+
+def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
+    """Index of the first tensor that holds inf or NaN, else None; one host read when all are finite."""
+    held = _with_values(tensors)
     if not held or bool(all_finite_flag([t for _, t in held])):
         return None
-    return next((i for i, t in held if not bool(torch.isfinite(t).all())), None)
+    return _search(held)
+
+
+def all_finite_exact(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-d bool tensor, True exactly when every entry of every tensor is finite (no false alarm).
+
+    On CUDA it is ``all_finite_flag`` and stays on the device: no host read, so callers can combine
+    verdicts and read them once. Elsewhere the reduction is a sum, which can overflow for finite
+    entries, so its verdict is read on the host (free on a CPU, whose kernels have already run) and
+    a sum that says non-finite is confirmed by the exact search."""
+    held = _with_values(tensors)
+    if not held:
+        return torch.tensor(True)
+    flag = all_finite_flag([t for _, t in held])
+    if all(t.device.type == "cuda" for _, t in held) or bool(flag):
+        return flag
+    return torch.tensor(_search(held) is None, device=flag.device)

@@ -115,6 +115,28 @@ def subspace_residual(G: Tensor, P: Tensor, side: str, R: Tensor | None = None) 
     return torch.addmm(G, R, P.t(), alpha=-1.0)
 
 
+def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, P_new: Tensor, P_old: Tensor, side: str) -> None:
+    """Carry Adam's moments from the subspace of ``P_old`` into that of ``P_new``, in place.
+
+    With the overlap O = P_new^T P_old (r x r), the first moment rotates exactly: it is a linear
+    average of projected gradients, and P_new^T G = O P_old^T G for G inside the old subspace, so
+    m <- O m (left; m O^T on the right side). The second moment is an average of squares and must
+    stay non-negative, so it goes through the squared overlap, v <- (O * O) v: that is the variance
+    of the rotated coordinates when the old ones are independent with variances v (each new
+    coordinate is sum_j O_ij r_j), it never goes negative, and it is exact when the bases agree up
+    to a permutation (and signs). Directions new to the subspace start from the part of the old
+    moments they overlap, and from 0 where they overlap nothing, as a reset would.
+    """
+    overlap = P_new.t().to(exp_avg.dtype) @ P_old.to(exp_avg.dtype)
+    squared = overlap * overlap
+    if side == "left":  # moments are (r, n): coordinates along rows
+        exp_avg.copy_(overlap @ exp_avg)
+        exp_avg_sq.copy_(squared @ exp_avg_sq)
+    else:  # (m, r): coordinates along columns
+        exp_avg.copy_(exp_avg @ overlap.t())
+        exp_avg_sq.copy_(exp_avg_sq @ squared.t())
+
+
 def norm_ratio(direction: Tensor, low_rank_grad: Tensor) -> Tensor:
     """``||direction|| / ||low_rank_grad||`` over the whole matrices (0 when the gradient is 0), a 0-d fp32 tensor.
 

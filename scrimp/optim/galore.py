@@ -30,6 +30,8 @@ class GaLoreAdamW(SubspaceAdamW):
     ``sign_rule`` ("align", "canonical" or "solver") fixes the signs of spectral bases so that a run
     does not depend on the machine's LAPACK/cuSOLVER (``projection.orient_basis``); "solver" keeps the
     solver's signs, which is galore-torch's behaviour, for exact parity with it on one machine.
+    ``moment_policy`` says how the moments cross a refresh: "keep" (galore-torch), "reset" or
+    "rotate" into the new basis (``functional.rotate_moments_``).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class GaLoreAdamW(SubspaceAdamW):
         stagger: bool = True,
         seed: int = 0,
         sign_rule: str = "align",
+        moment_policy: str = "keep",
         eps_style: str = "hf",
         fused: bool | None = None,
         check_finite: bool = True,
@@ -61,6 +64,7 @@ class GaLoreAdamW(SubspaceAdamW):
             moments_8bit=_moments_8bit, check_finite=check_finite,
             update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=projector,
             stagger=stagger, seed=seed, sign_rule=sign_rule,
+            moment_policy=moment_policy,
         )
 
 

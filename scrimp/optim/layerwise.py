@@ -40,16 +40,26 @@ would throw away the window's gradients), and with ``accumulate=1`` a second bac
 ``step()`` (each backward updates at once, so it would not be accumulation).
 
 Non-finite gradients (``check_finite=True``, the default) raise ``FloatingPointError`` naming the
-parameter, and that parameter is never updated with them:
+parameter, and that parameter is never updated with them. The wrapper owns this rule (written once,
+in ``finite_guard``): it turns the inner optimizer's own ``check_finite`` off, whose check would run
+after the low-rank updates of a window and see only the full sums.
 
-- ``accumulate > 1``: each arriving gradient is checked on the device in its hook, and the
-  verdicts are read once, in ``step()``, before any parameter is updated: no parameter is
-  updated with that window, whose gradients are dropped.
+- ``accumulate > 1``: the gradients a projection is about to discard are checked on the device in
+  their hooks (a coordinate projector would drop a NaN outside its coordinates); in ``step()``,
+  before any parameter is updated, the sums the update will use are checked too (finite
+  micro-batch gradients can overflow when summed) and all verdicts are read at once: no parameter
+  is updated with a window that fails, whose gradients are dropped.
 - ``accumulate == 1``: each parameter's gradient is checked in its hook before its update (one
   host read per parameter). The parameters whose hooks already ran in the same backward — those
   whose gradients autograd finished earlier, typically the layers nearest the loss — have been
   updated with their (finite) gradients; no parameter whose gradient comes later is touched.
   The gradients still in flight are dropped. Reload the last checkpoint to undo the partial step.
+
+``check_finite=False`` checks nothing, in the wrapper or the inner optimizer: a non-finite gradient
+reaches the weights as it would with plain accumulation and an unchecked optimizer, and the wrapper
+goes on to the next window. Whatever else stops an update partway (an inner optimizer's error) drops
+the window's gradients, so the next window starts clean, and is re-raised saying that some
+parameters may already hold the update.
 
 ``state_dict()`` taken inside a window holds the window's partial sums (low-rank buffers and the
 full gradients summed in ``.grad``) and its counters; ``load_state_dict`` puts them back, so a
@@ -67,6 +77,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .finite_guard import all_finite_exact
 from .projection import Projector, choose_side
 from .subspace import SPARSE_GRADIENTS, SubspaceAdamW, is_projected_group, resolve_rank
 
@@ -114,6 +125,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     self._per_param[p] = optimizer_factory([{**group, "params": [p]}])
             inner_groups = [g for opt in self._per_param.values() for g in opt.param_groups]
         self._params = list(self._group_of) if self._engine else list(self._per_param)
+        self._own_the_finite_check()
         self._names = names or {}
         self._micro = 0  # step() calls so far in the current window (the step-every-backward loop)
         self._arrivals: dict[Tensor, int] = {}  # gradient arrivals per parameter since the last step()
@@ -125,6 +137,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in self._params]
         if accumulate > 1:  # before each accumulation into .grad: has the window's sum been cleared?
             self._hooks += [p.register_hook(self._sum_guard(p)) for p in self._params]
+
+    def _own_the_finite_check(self) -> None:
+        """Turn the inner optimizers' own finite-gradient checks off: with the wrapper's check on they
+        would read every gradient a second time, and in either case the engine's check would run after
+        the window's low-rank updates, so a refusal there would leave half a window applied."""
+        for opt in [self.optimizer, *self._per_param.values()]:
+            if getattr(opt, "check_finite", None) is True:
+                opt.check_finite = False
 
     @property
     def state(self) -> dict:
@@ -176,17 +196,20 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _update_now(self, p: Tensor) -> None:
         """accumulate=1: check this gradient (one host read), then update and free it."""
-        if self.check_finite and not bool(_finite_flag(p.grad)):
+        if self.check_finite and not bool(all_finite_exact([p.grad])):
             self._drop_window()
             raise FloatingPointError(
                 f"the gradient of {self._name(p)} holds inf or NaN; it was not updated, nor any parameter whose "
                 "gradient comes later in this backward (those updated earlier in it were finite: reload the last "
                 "checkpoint to undo them), and the gradients in flight were dropped"
             )
-        if self._engine:
-            self.optimizer.step_param(p, self._group_of[p], p.grad)
-        else:
-            self._per_param[p].step()
+        try:
+            if self._engine:
+                self.optimizer.step_param(p, self._group_of[p], p.grad)
+            else:
+                self._per_param[p].step()
+        except Exception as err:
+            self._fail_partway(err, "in flight")
         p.grad = None
 
     def _accumulate(self, p: Tensor) -> None:
@@ -194,12 +217,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         finiteness verdict; nothing is updated before step()."""
         self._in_window[p] = None
         grad = p.grad
-        if self.check_finite:  # on the device: no host read inside backward
-            ok = _finite_flag(grad)
-            prev = self._finite.get(p)
-            self._finite[p] = ok if prev is None else prev & ok
         group = self._group_of.get(p)
         if group is not None and self.optimizer.accumulates_low_rank(p, group):
+            if self.check_finite:  # this gradient dies here; a full sum in .grad is checked in step()
+                ok = all_finite_exact([grad])  # on the device on CUDA: no host read inside backward
+                prev = self._finite.get(p)
+                self._finite[p] = ok if prev is None else prev & ok
             low = self.optimizer.project_grad(p, group, grad)
             p.grad = None  # the full gradient dies here: only the projected sum is kept
             acc = self._accum.get(p)
@@ -241,6 +264,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         cleared = [p for p in self._in_window if p not in self._accum and p.grad is None]
         if cleared:
             self._refuse_cleared(cleared[0])
+        try:
+            self._update_with_window()
+        except Exception as err:
+            self._fail_partway(err, "of this accumulation window")
+        self._drop_window()
+
+    def _update_with_window(self) -> None:
         if self._engine:
             for p, low in self._accum.items():
                 self.optimizer.step_param(p, self._group_of[p], None, low_rank_grad=low)
@@ -249,20 +279,35 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for p in self._params:
                 if p.grad is not None:
                     self._per_param[p].step()
+
+    def _fail_partway(self, err: Exception, gradients: str) -> None:
+        """An update stopped partway (the inner optimizer raised): leave a usable wrapper and say so."""
         self._drop_window()
+        raise RuntimeError(f"a layer-wise update stopped partway, so some parameters may already hold it (reload the "
+                           f"last checkpoint to undo them), and the gradients {gradients} were dropped so that the "
+                           f"next window starts clean: {type(err).__name__}: {err}") from err
 
     def _check_window_finite(self) -> None:
-        """One host read for the whole window; on a non-finite gradient nothing is updated."""
-        if not self._finite:
+        """One host read for the whole window, before any update; on a non-finite gradient (one that a
+        projection discarded, or a sum the update would use) nothing is updated."""
+        if not self.check_finite:
             return
-        flags = list(self._finite.items())
-        device = flags[0][1].device
-        if bool(torch.stack([flag.to(device) for _, flag in flags]).all()):
+        sums = {p: p.grad for p in self._params if p.grad is not None} | self._accum
+        flags = list(self._finite.values()) + ([all_finite_exact(list(sums.values()))] if sums else [])
+        if not flags or bool(torch.stack([flag.to(flags[0].device) for flag in flags]).all()):
             return
-        bad = next(p for p, flag in flags if not bool(flag))
+        bad = next(p for p in self._params if not self._finite_in_window(p, sums.get(p)))
         self._drop_window()
-        raise FloatingPointError(f"the gradient of {self._name(bad)} holds inf or NaN in this accumulation window; "
-                                 "no parameter was updated with the window, whose gradients were dropped")
+        raise FloatingPointError(f"the gradient of {self._name(bad)} holds inf or NaN in this accumulation window (in "
+                                 "a micro-batch, or in the sum of finite ones); no parameter was updated with the "
+                                 "window, whose gradients were dropped")
+
+    def _finite_in_window(self, p: Tensor, window_sum: Tensor | None) -> bool:
+        """The failure path's search (host reads per parameter): its discarded gradients and its sum."""
+        flag = self._finite.get(p)
+        if flag is not None and not bool(flag):
+            return False
+        return window_sum is None or bool(all_finite_exact([window_sum]))
 
     def _drop_window(self) -> None:
         for p in self._params:
@@ -413,12 +458,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._hooks = []
 
 
-def _finite_flag(grad: Tensor) -> Tensor:
-    """A 0-dim bool tensor on the gradient's device: whether every entry is finite."""
-    values = grad.coalesce().values() if grad.is_sparse else grad
-    return torch.isfinite(values).all()
-
-
 def layerwise(
     model: nn.Module | Iterable,
     optimizer_factory: Callable[[list[dict]], Any],
@@ -434,7 +473,8 @@ def layerwise(
     (e.g. ``param_groups(model, rank=128)``) to choose them, else all trainable parameters form one
     group. ``accumulate=k`` sums k micro-batches per update (the module doc shows the loops).
     ``check_finite`` refuses non-finite gradients before they reach a weight (module doc); with
-    ``accumulate=1`` it costs one host read per parameter per backward. Global gradient clipping
+    ``accumulate=1`` it costs one host read per parameter per backward. It is the only check: the
+    inner optimizer's own ``check_finite`` is turned off either way (module doc). Global gradient clipping
     needs every gradient before any update, which layer-wise updates cannot give:
     ``clip_grad_norm`` raises.
     """

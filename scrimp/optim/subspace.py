@@ -10,7 +10,8 @@ Param groups: a group with a ``rank`` or ``density`` key is projected, any other
 AdamW. Group keys of projected groups (defaults in ``PROJECTION_DEFAULTS``):
 ``rank`` or ``density``, ``update_proj_gap``, ``scale``, ``proj_type`` (std/reverse_std/left/right),
 ``projector`` (see ``scrimp.optim.projection.PROJECTORS``), ``residual`` (None/sign_sgd/sgd/scaled),
-``residual_lr_scale``, ``reset_statistics``, ``stagger``, ``seed``, ``power_iters``, ``sign_rule``
+``residual_lr_scale``, ``reset_statistics``, ``stagger``, ``seed``, ``power_iters``, ``sign_rule``,
+``moment_policy`` (keep/reset/rotate: how the moments cross a refresh, ``SubspaceAdamW._refresh``),
 (align/canonical/solver: how spectral bases get their signs, ``projection.orient_basis``).
 
 State per parameter (only tensors, ints, floats, strings): ``step``, ``moment_step``, ``exp_avg``,
@@ -60,7 +61,9 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "block_order": "ascending",
     "density_rounding": "round",
     "sign_rule": "align",
+    "moment_policy": "keep",
 }
+MOMENT_POLICIES = ("keep", "reset", "rotate")
 BLOCK_ORDERS = ("ascending", "descending", "random", "mirror")
 DENSITY_ROUNDINGS = ("round", "floor")
 GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay", "eps_style", *PROJECTION_DEFAULTS, "rank", "density")
@@ -153,6 +156,14 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
         raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
     if group["block_order"] not in BLOCK_ORDERS:
         raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {group['block_order']!r}")
+    if group["moment_policy"] not in MOMENT_POLICIES:
+        raise ValueError(f"moment_policy must be one of {MOMENT_POLICIES}, got {group['moment_policy']!r}")
+    if group["moment_policy"] != "keep" and group["reset_statistics"]:
+        raise ValueError(f"reset_statistics=True is moment_policy='reset'; give one of them, got reset_statistics=True "
+                         f"with moment_policy={group['moment_policy']!r}")
+    if group["moment_policy"] == "rotate" and group["projector"] not in DENSE:
+        raise ValueError(f"moment_policy='rotate' needs a dense projector {DENSE} (their bases can be compared), got "
+                         f"projector={group['projector']!r}")
     if group["sign_rule"] not in SIGN_RULES:
         raise ValueError(f"sign_rule must be one of {SIGN_RULES}, got {group['sign_rule']!r}")
     if group["density_rounding"] not in DENSITY_ROUNDINGS:
@@ -297,6 +308,11 @@ def _one_typo_apart(a: str, b: str) -> bool:
     return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
+# Keys added after state dicts were first written whose absence says nothing about the run: a
+# state without them loads with the loading optimizer's own value (a saved value wins, as in torch).
+LIVE_WHEN_ABSENT = ("sign_rule", "moment_policy")
+
+
 def _with_added_keys(group: dict) -> dict:
     """A saved param group with the keys added since: state dicts from before ``eps_style`` used the
     HF formula, and blocks rotated in ascending order before ``block_order``."""
@@ -305,6 +321,7 @@ def _with_added_keys(group: dict) -> dict:
         group.setdefault("block_order", "ascending")
         group.setdefault("density_rounding", "round")
         group.setdefault("sign_rule", "align")  # before it, signs were the solver's: the fix applies on resume
+        group.setdefault("moment_policy", "keep")
     return group
 
 
@@ -607,13 +624,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             self._full_adam(p, group, grad, state, scale=group["scale"])
             return
         if proj.refresh_due(state, t):
-            if grad is None:
-                raise RuntimeError("a projector refresh needs the full gradient, got only a projected one")
-            first = "proj_refresh" not in state
-            proj.refresh(grad, state)
-            state["proj_offset"] = proj.offset
-            if first or group["reset_statistics"]:
-                _drop_moments(state)
+            self._refresh(p, group, proj, state, grad)
         if not _has_moments(state):
             _zeros_moments(state, proj.moment_shape(), p.device, self.moments_8bit)
             state["moment_step"] = 0
@@ -644,6 +655,25 @@ class SubspaceAdamW(torch.optim.Optimizer):
                                          residual=rule, residual_lr_scale=rscale, R=low_rank_grad, **hyper)
         if write_back:
             _close_moments(state, m, v)
+
+    def _refresh(self, p: Tensor, group: dict, proj: Projector, state: dict, grad: Tensor | None) -> None:
+        """A new subspace from ``grad``, and the moments carried across it by the group's ``moment_policy``:
+        keep them as they are (galore-torch), reset them (FRUGAL; ``reset_statistics=True``) or rotate them
+        into the new basis (``functional.rotate_moments_``)."""
+        if grad is None:
+            raise RuntimeError("a projector refresh needs the full gradient, got only a projected one")
+        first = "proj_refresh" not in state
+        policy = "reset" if group["reset_statistics"] else group["moment_policy"]
+        previous = proj.matrix(state, p.device) if policy == "rotate" and not first else None
+        proj.refresh(grad, state)
+        state["proj_offset"] = proj.offset
+        if first or policy == "reset":
+            _drop_moments(state)
+        elif previous is not None and _has_moments(state):
+            m, v, write_back = _open_moments(state)
+            F.rotate_moments_(m, v, proj.matrix(state, p.device), previous, proj.side)
+            if write_back:
+                _close_moments(state, m, v)
 
     def _use_kernels(self, p: Tensor, eight_bit: bool) -> bool:
         """Whether a dense projected step with the full gradient goes to ``scrimp.optim.kernels``.
@@ -770,7 +800,12 @@ class SubspaceAdamW(torch.optim.Optimizer):
         """
         self.check_state_dict(state_dict)  # before anything is replaced
         saved_state = state_dict["state"]
-        saved_groups = [_with_added_keys(g) for g in state_check.untag_groups(state_dict["param_groups"])]
+        raw_groups = state_check.untag_groups(state_dict["param_groups"])
+        saved_groups = [_with_added_keys(g) for g in raw_groups]
+        for raw, saved, live in zip(raw_groups, saved_groups, self.param_groups):
+            for key in LIVE_WHEN_ABSENT:  # a state from before the key: this optimizer's own choice holds
+                if key not in raw and key in live:
+                    saved[key] = live[key]
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import lightning as L
 import torch
 
+from scrimp.optim.finite_guard import all_finite_exact
 from scrimp.training.callbacks import is_logging_step
 from scrimp.training.models import build_model
 from scrimp.training.schedule import WarmupCosineScheduler, check_schedule
@@ -172,17 +173,17 @@ class CausalLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Refuse a step whose loss (any micro-batch's) or gradients hold inf/NaN, before the optimizer
-        writes them into the weights: one fused max-abs norm per gradient and one host read per
-        device, after backward, so the forward and backward launches never wait on the host. fp16
-        mixed precision leaves the gradients to its GradScaler, which skips such steps and lowers its
-        scale by design. Layer-wise optimizers step inside backward (their loss is checked before
-        it), zeroth-order ones have no gradients."""
+        writes them into the weights, by the library's one rule (``scrimp.optim.finite_guard``: one
+        reduction per gradient, on CUDA kept on the device and read once, after backward, so the
+        forward and backward launches never wait on the host). fp16 mixed precision leaves the
+        gradients to its GradScaler, which skips such steps and lowers its scale by design.
+        Layer-wise optimizers step inside backward (their loss is checked before it), zeroth-order
+        ones have no gradients."""
         worst_loss, self._worst_loss = self._worst_loss, None
         scaled = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None
         grads = [] if scaled else [p.grad for p in self.parameters() if p.grad is not None]
-        # The max-abs norm is finite for any finite tensor in any dtype (an fp16 L2 norm can overflow).
-        norms = torch._foreach_norm(grads, float("inf")) if grads else []
-        flags = [torch.stack([n for n in norms if n.device == d]).isfinite().all() for d in {n.device for n in norms}]
+        # exact (no false alarm from a sum of finite entries that overflows), so a failure below names the cause
+        flags = [all_finite_exact(grads)] if grads else []
         if worst_loss is not None:
             flags.append(torch.isfinite(worst_loss).all())
         if not flags:

@@ -35,7 +35,7 @@ from scrimp.training.callbacks import (
     step_checkpoints,
 )
 from scrimp.training.models import LLAMA_SIZES
-from scrimp.training.module import CausalLMModule, check_layerwise_world_size
+from scrimp.training.module import CausalLMModule
 from scrimp.training.run_folder import (
     appending_csv_logger,
     check_checkpoint_space,
@@ -43,7 +43,7 @@ from scrimp.training.run_folder import (
     checkpoint_write_error,
     open_run_folder,
 )
-from scrimp.training.validate import check_resume, check_resume_vocab, check_train_config
+from scrimp.training.validate import check_resume, check_resume_vocab, check_train_config, meta_model
 
 SUMMARY_KEYS = (
     "status",          # "completed" or "pruned"
@@ -133,22 +133,26 @@ def build_module(cfg: DictConfig, vocab_size: int | None) -> CausalLMModule:
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list:
-    logger_cfg = cfg.get("logger") or {}
+    """The Lightning loggers of ``cfg.logger`` (``conf/logger/``): each entry is a ``_target_`` config,
+    built with ``save_dir=<run_dir>``; a null entry is dropped. A logger whose package is not installed
+    (tensorboard, wandb) is left out with a warning, and the CSV log is kept as the fallback."""
+    import warnings
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    specs = {str(name): spec for name, spec in (cfg.get("logger") or {}).items() if spec is not None}
     loggers = []
-    if logger_cfg.get("csv", True):
-        loggers.append(appending_csv_logger(run_dir))  # a resume appends to the earlier rows
-    if logger_cfg.get("tensorboard", False):
+    for name, spec in specs.items():
         try:
-            import tensorboard  # noqa: F401
-            from lightning.pytorch.loggers import TensorBoardLogger
-
-            loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=0))
-        except ImportError:
-            import warnings
-
-            warnings.warn("logger.tensorboard is on but tensorboard is not installed; logging to CSV only")
-            if not loggers:
-                loggers.append(appending_csv_logger(run_dir))
+            loggers.append(instantiate(spec, save_dir=str(run_dir)))
+        except (ImportError, InstantiationException) as err:
+            missing = err if isinstance(err, ImportError) else err.__cause__
+            if not isinstance(missing, ImportError):
+                raise
+            warnings.warn(f"logger.{name} is on but its package is not installed ({missing}); leaving it out")
+    if specs and not loggers:
+        loggers.append(appending_csv_logger(run_dir))  # a resume appends to the earlier rows
     return loggers
 
 
@@ -204,25 +208,29 @@ def _train(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
 
     started = time.perf_counter()
     # -- every input is checked before any training ------------------------------------------
-    resume = check_resume(check_train_config(cfg))  # scrimp.training.validate: every key, and the checkpoint
+    container = check_train_config(cfg)  # scrimp.training.validate: every key, the world size, the optimizer
+    resume = check_resume(container)  # and the checkpoint
     ckpt_path = resume.path if resume else None
     run_dir = resolve_run_dir(cfg)
     held.enter_context(open_run_folder(run_dir, checkpoints=checkpoint_enabled(cfg.get("checkpoint"))))
+    # The checkpoints' size from the model on the meta device: a full disk is refused before the
+    # tokenizer and token cache are built (tens of seconds on a first run).
+    planned = meta_model(container)  # None for a hub model: sized once it is built
+    if planned is not None:
+        check_checkpoint_space(run_dir, planned, cfg.get("checkpoint"), cfg.trainer.get("max_steps", -1))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare()
     check_resume_vocab(resume, datamodule.tokenizer.vocab_size if cfg.model.name in LLAMA_SIZES else None)
     module = build_module(cfg, datamodule.tokenizer.vocab_size)
-    check_checkpoint_space(run_dir, module.model, cfg.get("checkpoint"), cfg.trainer.get("max_steps", -1))
+    if planned is None:
+        check_checkpoint_space(run_dir, module.model, cfg.get("checkpoint"), cfg.trainer.get("max_steps", -1))
     module.fresh_optimizer_state = bool(resume and resume.fresh_optimizer)
-    if module.mode != "automatic" and int(cfg.trainer.get("accumulate_grad_batches", 1)) != 1:
-        raise ValueError(
-            f"trainer.accumulate_grad_batches must be 1 with optimizer {module.optimizer_name!r} "
-            "(manual optimization); use the optimizer's own accumulate option instead"
-        )
     # -- training -------------------------------------------------------------------------------
     trainer = build_trainer(cfg, run_dir, extra_callbacks=_pruning_callbacks(cfg))
-    check_layerwise_world_size(module.mode, trainer.world_size)  # here too, so no process is started first
+    for logger in trainer.loggers:  # the CSV rows this run replays are set aside (run_folder.appending_csv_logger)
+        if hasattr(logger, "resume_at"):
+            logger.resume_at(resume.step if resume else 0)
     throughput = next(c for c in trainer.callbacks if isinstance(c, ThroughputMemoryCallback))
     consistency = next(c for c in trainer.callbacks if isinstance(c, RankConsistencyCallback))
     status = "completed"

@@ -1,5 +1,6 @@
 """Run folders that keep everything: one writer per folder, checked writability and free space,
-orphan temporaries removed, metrics appended across resumes.
+orphan temporaries removed, metrics kept across resumes (each step once in ``metrics.csv``; the
+rows a resume replays are moved to ``metrics.replaced-<n>.csv``, never deleted).
 
 A run folder (``run_dir``, a sweep folder, each trial's folder) is owned by the process that holds
 an advisory lock on ``<folder>/.scrimp.lock`` (``fcntl.flock``). The OS drops the lock when the
@@ -147,14 +148,15 @@ class FolderLock:
 
 
 def is_locked(folder: Path) -> bool:
-    """Whether a live process holds ``folder``'s lock (False when the folder or lock file is absent)."""
+    """Whether a live process holds ``folder``'s lock, shared or exclusive (False when the folder or
+    lock file is absent). The probe asks for an exclusive lock, which any holder blocks."""
     path = Path(folder) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
@@ -320,33 +322,120 @@ def checkpoint_write_error(path: Path, err: BaseException, what: str = "checkpoi
 
 
 # -- metrics that survive a resume ---------------------------------------------------------------------
-def appending_csv_logger(save_dir: Path, name: str = "csv", version: int = 0):
-    """A Lightning ``CSVLogger`` whose ``metrics.csv`` keeps the rows of earlier run segments.
+REPLACED_METRICS = "metrics.replaced-{n}.csv"
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
+    import csv
+
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def write_csv_atomic(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
+    """Write a CSV to ``.<name>.tmp<pid>``, fsync it, rename it over ``path``: a kill or a full disk
+    mid-write leaves the earlier file whole (one sentence for a failed write; no temporary is left)."""
+    import csv
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise checkpoint_write_error(path, err, what="metrics file") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _step_of(row: dict) -> float | None:
+    try:
+        return float(row.get("step") or "")
+    except ValueError:
+        return None
+
+
+def set_aside_replayed_rows(metrics_file: Path, start_step: int) -> Path | None:
+    """Move the rows with ``step >= start_step`` out of ``metrics_file`` into the next free
+    ``metrics.replaced-<n>.csv`` beside it; returns that file (None when no row was moved).
+
+    Why: a run resumed from the checkpoint of step ``start_step`` logs those steps again, so readers
+    of ``metrics.csv`` would see them twice, from two segments. The rows of the abandoned segment are
+    never deleted: the side file is written (atomically) before ``metrics.csv`` is replaced
+    (atomically), so a kill in between leaves a row twice, never nowhere.
+    """
+    if not metrics_file.is_file():
+        return None
+    fieldnames, rows = _read_rows(metrics_file)
+    def is_replayed(row: dict) -> bool:
+        step = _step_of(row)
+        return step is not None and step >= start_step
+
+    replayed = [r for r in rows if is_replayed(r)]
+    if not replayed:
+        return None
+    n = 1
+    while (side := metrics_file.with_name(REPLACED_METRICS.format(n=n))).exists():
+        n += 1
+    write_csv_atomic(side, fieldnames, replayed)
+    write_csv_atomic(metrics_file, fieldnames, [r for r in rows if not is_replayed(r)])
+    log.info(f"{len(replayed)} row(s) of {metrics_file} from step {start_step} on, which this run logs again, "
+             f"were moved to {side.name}")
+    return side
+
+
+def appending_csv_logger(save_dir: Path, name: str = "csv", version: int = 0, start_step: int | None = None):
+    """A Lightning ``CSVLogger`` whose ``metrics.csv`` keeps the rows of earlier run segments, each step once.
 
     Lightning's writer deletes an existing ``metrics.csv`` when it starts (so a resume into the same
-    ``run_dir`` lost every earlier row). This one reads the existing header and appends; when a
-    later segment logs a new key, Lightning's own header rewrite keeps the old rows.
+    ``run_dir`` lost every earlier row). This one keeps the rows before the step the run starts at
+    (``start_step``, or ``logger.resume_at(step)`` before training: the checkpoint's global step, 0 for
+    a fresh run), moves the rows from that step on to ``metrics.replaced-<n>.csv`` (the segment this run
+    replays; never deleted) and appends under the existing header. When a later segment logs a new key,
+    the file is rewritten with the wider header atomically (temporary file and rename), not in place.
+    ``start_step=None`` and no ``resume_at`` call: nothing is set aside, rows are appended.
     """
     from lightning.fabric.loggers.logger import rank_zero_experiment
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
     class AppendingExperimentWriter(ExperimentWriter):
-        def _check_log_dir_exists(self) -> None:
-            if self._fs.isfile(self.metrics_file_path):
-                import csv
+        def __init__(self, log_dir: str, start_step: int | None):
+            self.start_step = start_step
+            super().__init__(log_dir)
 
-                with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                    # In the file's own column order: rows are appended under this header.
-                    self.metrics_keys = next(csv.reader(file), [])
+        def _check_log_dir_exists(self) -> None:
+            path = Path(self.metrics_file_path)
+            if path.is_file():
+                if self.start_step is not None:
+                    set_aside_replayed_rows(path, self.start_step)
+                # In the file's own column order: rows are appended under this header.
+                self.metrics_keys = _read_rows(path)[0]
+
+        def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+            # Lightning's own rewrite truncates the file first: a kill or a full disk would empty it.
+            path = Path(self.metrics_file_path)
+            write_csv_atomic(path, fieldnames, _read_rows(path)[1])
 
     class AppendingCSVLogger(CSVLogger):
+        def resume_at(self, step: int) -> None:
+            """The run starts at optimizer step ``step``: the rows it will log again are set aside."""
+            self._start_step = int(step)
+            if self._experiment is not None:  # already open: set them aside now
+                set_aside_replayed_rows(Path(self._experiment.metrics_file_path), self._start_step)
+
         @property
         @rank_zero_experiment
         def experiment(self):
             if self._experiment is None:
                 self._fs.makedirs(self.root_dir, exist_ok=True)
-                self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
+                self._experiment = AppendingExperimentWriter(self.log_dir, getattr(self, "_start_step", start_step))
             return self._experiment
 
     return AppendingCSVLogger(str(save_dir), name=name, version=version)

@@ -151,8 +151,6 @@ TRAIN_RULES: dict[str, Rule] = {
     "checkpoint.enabled": boolean(why="false: no checkpoint is written"),
     "checkpoint.every_n_steps": integer(0, say="an integer >= 0 (0: only last.ckpt)"),
     "checkpoint.keep": integer(0, also=(-1,), say="an integer >= 0, or -1 to keep every checkpoint"),
-    "logger.csv": boolean(why="write <run_dir>/csv/version_0/metrics.csv"),
-    "logger.tensorboard": boolean(why="also write TensorBoard event files"),
     "resume.allow_changed": list_of(text(), why="keys such as optim.rank that may differ from the checkpoint's"),
     # trainer: what Lightning would otherwise refuse late, or with a traceback
     "trainer.accelerator": choice(_ACCELERATORS),
@@ -230,7 +228,6 @@ TRAIN_RULES: dict[str, Rule] = {
 _MODULE_KEYS = ("warmup_steps", "min_lr_ratio", "total_steps", "grad_clip")
 _MODEL_KEYS = ("name", "overrides")
 _RESUME_KEYS = ("allow_changed",)
-_LOGGER_KEYS = ("csv", "tensorboard")
 # Sections another part of the code may extend: only a near-miss of a known key is refused there.
 _TOP_LEVEL_KEYS = ("seed", "ckpt_path", "run_dir", "optimized_metric", "checkpoint", "print_table", "resume",
                    "trainer", "data", "model", "module", "optim", "logger", "optuna_trial", "hydra")
@@ -318,7 +315,6 @@ def _check_section_keys(container: dict) -> None:
         "module": (_MODULE_KEYS, True),
         "model": (_MODEL_KEYS, True),
         "resume": (_RESUME_KEYS, True),
-        "logger": (_LOGGER_KEYS, True),
         "checkpoint": (_CHECKPOINT_KEYS, False),
     }
     data = container.get("data") or {}
@@ -335,6 +331,18 @@ def _check_section_keys(container: dict) -> None:
             raise ConfigError(f"{section} must be a mapping of keys to values, got {node!r}")
         for key in node:
             _unknown_key(str(key), known, section, strict)
+
+
+def _check_loggers(loggers) -> None:
+    """``logger``: named Lightning loggers as ``_target_`` configs (conf/logger/), any name; null drops one."""
+    if loggers is None:
+        return
+    if not isinstance(loggers, Mapping):
+        raise ConfigError(f"logger must be a mapping of logger names to _target_ configs, got {loggers!r}")
+    for name, spec in loggers.items():
+        if spec is not None and not (isinstance(spec, Mapping) and isinstance(spec.get("_target_"), str)):
+            raise ConfigError(f"logger.{name} must be null or a mapping with a '_target_' (a Lightning logger "
+                              f"class, as in conf/logger/), got {spec!r}")
 
 
 # -- cross-key rules ---------------------------------------------------------------------------------
@@ -374,13 +382,46 @@ def _check_manual_modes(flat: dict) -> None:
             f"module.grad_clip must be null with optim.layerwise=true (each layer is updated inside backward, "
             f"before a global gradient norm exists), got {flat['module.grad_clip']}"
         )
-    devices = flat.get("trainer.devices")
-    if layerwise and is_integer(devices) and devices > 1:
-        raise ConfigError(
-            f"optim.layerwise=true cannot run on {devices} processes: each layer is updated inside "
-            "backward, before DDP has averaged its gradient, so the ranks' weights would drift apart; "
-            "use one process or optim.layerwise=false"
-        )
+    if layerwise:
+        from scrimp.training.module import check_layerwise_world_size
+
+        try:  # the module's own rule, on the world size the trainer will have
+            check_layerwise_world_size("layerwise", planned_world_size(flat))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+def _accelerator_device_count(accelerator: str) -> int:
+    """How many devices ``-1`` or ``"auto"`` means for ``accelerator`` on this machine (as Lightning counts)."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return max(torch.cuda.device_count(), 1)
+    return 1  # cpu (Lightning's "auto" is one process), mps and tpu: one device here
+
+
+def planned_world_size(flat: Mapping) -> int:
+    """The number of processes the trainer will start: devices x num_nodes, from the flat config.
+
+    ``trainer.devices`` may be a count (``2``, ``"2"``), ``-1``/``"auto"`` (every device of the
+    accelerator), or device indices (``"0,1"``, ``"1,"``, ``[0, 1]``): the one place that reads it,
+    so that a check on the world size is made before any work, not after the trainer has started.
+    """
+    devices = flat.get("trainer.devices", "auto")
+    accelerator = str(flat.get("trainer.accelerator", "auto"))
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:  # indices, as Lightning reads "0,1" and "1,"
+            devices = [int(i) for i in text.split(",") if i.strip()]
+        elif text not in ("auto", "-1"):
+            devices = int(text)
+    if isinstance(devices, list | tuple):
+        count = len(devices)
+    elif devices in ("auto", "-1", -1):
+        count = _accelerator_device_count(accelerator)
+    else:
+        count = int(devices)
+    return count * int(flat.get("trainer.num_nodes", 1) or 1)
 
 
 def check_model_name(name: str) -> None:
@@ -413,9 +454,10 @@ def _check_data_source(flat: dict) -> None:
                               f"has no end), got {flat.get('data.max_documents')!r}")
 
 
-def _meta_model(container: dict):
+def meta_model(container: Mapping):
     """The configured model on the meta device (no memory, no weights), or None when its config is not at
-    hand offline; the optimizer is built on it to run the optimizer's own checks before any work."""
+    hand offline; the optimizer is built on it to run the optimizer's own checks before any work, and
+    the checkpoints' size is estimated from it before the data is touched (``run._train``)."""
     import torch
 
     from scrimp.training.models import LLAMA_SIZES, llama_config
@@ -454,7 +496,7 @@ def _check_optimizer_dry_build(container: dict) -> None:
     shape, projector names, ...) then speak before any work, with the key named as ``optim.<key>``."""
     from scrimp.optim import build
 
-    model = _meta_model(container)
+    model = meta_model(container)
     if model is None:
         return
     # Where the state lives is the real parameters' business: fused kernels refuse meta tensors.
@@ -477,7 +519,8 @@ def check_train_config(cfg) -> dict:
     checkpoint's saved settings (``check_resume``)."""
     container = _container(cfg)
     _check_section_keys(container)
-    flat = flatten(container, leaves=("model.overrides", "optuna_trial", "hydra"))
+    _check_loggers(container.get("logger"))
+    flat = flatten(container, leaves=("model.overrides", "optuna_trial", "hydra", "logger"))
     check_rules(flat, TRAIN_RULES)
     _check_allowed_keys(flat.get("resume.allow_changed") or [])
     check_model_name(str(flat["model.name"]))
@@ -503,10 +546,16 @@ class ResumePlan:
     hparams: dict
     changed: list[str] = field(default_factory=list)
     fresh_optimizer: bool = False
+    step: int = 0  # the optimizer steps the checkpoint had taken: the run goes on from there
 
 
 def read_checkpoint_hparams(path: Path) -> dict:
     """The settings a scrimp checkpoint was written with (memory-mapped: no tensor is read into RAM)."""
+    return _checkpoint_settings(_load_checkpoint(path))
+
+
+def _load_checkpoint(path: Path) -> Mapping:
+    """The checkpoint, memory-mapped; one sentence when it is not a readable Lightning checkpoint."""
     import torch
 
     try:
@@ -516,6 +565,10 @@ def read_checkpoint_hparams(path: Path) -> dict:
                           f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt_path {str(path)!r} is not a Lightning checkpoint (it has no state_dict)")
+    return ckpt
+
+
+def _checkpoint_settings(ckpt: Mapping) -> dict:
     hparams = dict(ckpt.get("hyper_parameters") or {})
     saved = ckpt.get("scrimp") or {}
     if "optim" in saved:
@@ -585,7 +638,8 @@ def check_resume(container: Mapping) -> ResumePlan | None:
     path = Path(os.path.expanduser(str(ckpt_path)))
     if not path.is_file():
         raise ConfigError(f"ckpt_path {str(path)!r} does not exist")
-    hparams = read_checkpoint_hparams(path)
+    ckpt = _load_checkpoint(path)
+    hparams, step = _checkpoint_settings(ckpt), int(ckpt.get("global_step") or 0)
     allowed = list((container.get("resume") or {}).get("allow_changed") or [])
     model_diffs = []
     if "model" in hparams and hparams["model"] != container["model"]["name"]:
@@ -604,7 +658,7 @@ def check_resume(container: Mapping) -> ResumePlan | None:
     refused = [d for d in optim_diffs if d[0] not in allowed]
     if refused:
         raise ConfigError(_changed_optimizer_sentence(path, refused))
-    return ResumePlan(path, hparams, [d[0] for d in optim_diffs], fresh_optimizer=bool(optim_diffs))
+    return ResumePlan(path, hparams, [d[0] for d in optim_diffs], fresh_optimizer=bool(optim_diffs), step=step)
 
 
 def check_resume_vocab(plan: ResumePlan | None, vocab_size: int | None) -> None:

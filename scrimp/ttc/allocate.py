@@ -49,6 +49,7 @@ from scrimp.ttc.stopping import (
     cap_majority_probability,
     leader_counts,
     should_stop,
+    window_agrees,
 )
 
 POLICIES = ("uniform", "oracle", "knapsack", "sequential", "compute_optimal", "esc", "adaptive_consistency",
@@ -150,7 +151,7 @@ def _dirichlet_table(held: list[list[Sample]]) -> tuple[np.ndarray, int]:
     Only the first zero after a prompt's seen answers is its "unseen answer" class; the padding
     beyond it must carry no prior mass (``expected_mode_majority`` drops it), so that a prompt's
     posterior does not depend on how many answers the other prompts saw."""
-    rows = [sorted(Counter(s.answer for s in h if s.answer is not None).values(), reverse=True) for h in held]
+    rows = [answer_counts([s.answer for s in h]) for h in held]
     width = max(len(r) for r in rows) + 1
     table = np.zeros((len(held), width))
     for i, r in enumerate(rows):
@@ -196,7 +197,7 @@ def vote_gain(answers: Sequence[str | None], *, prior: float = 1.0, lookahead: i
     """Expected gain in P(the vote elects the mode) from ``lookahead`` more samples, under the
     Dirichlet posterior of the answers seen so far (plus one unseen answer). Two samples by default,
     because one sample's gain alternates with the parity of the count (ties at even counts)."""
-    counts = tuple(sorted(Counter(a for a in answers if a is not None).values(), reverse=True))
+    counts = answer_counts(answers)
     key = (counts, prior, lookahead)
     if key not in _VOTE_GAIN:
         n = sum(counts)
@@ -499,14 +500,12 @@ def _round(generator, ids, held, candidates: np.ndarray, counts: np.ndarray) -> 
     _draw(generator, ids, full, held)
 
 
-def esc(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
-        utility: str = "majority", window: int = 5, k_max: int | None = 40) -> PolicyOutcome:
-    """ESC (Li et al., ICLR 2024, "Escape Sky-high Cost") with its published defaults: each prompt draws
-    windows of ``window`` samples and stops once every answer of its latest window is the same (or at
-    its cap, 40 as in the paper's last-letters script); the answer is the vote over all its samples.
-    The total budget only caps it: when the pool cannot pay a whole window to every open prompt, each
-    gets an equal part of one (``_serve_in_random_order``)."""
-    cap = _capacity(generator, ids, k_max)
+def _early_stopping(generator: Generator, ids: Sequence[str], budget: int, rng: np.random.Generator, utility: str,
+                    cap: np.ndarray, step: int, stops: Callable[[list[str | None]], bool]) -> PolicyOutcome:
+    """The loop the published baselines share: every open prompt draws ``step`` more samples a round
+    (fewer only where its cap is nearer) and is judged by ``stops`` on all its answers after each round,
+    until every prompt has stopped or reached its cap or the pool is spent. When the pool cannot pay
+    every open prompt's step, each gets an equal part of it (``_serve_in_random_order``)."""
     held: list[list[Sample]] = [[] for _ in ids]
     stopped = np.zeros(len(ids), dtype=bool)
     pool, rounds = budget, 0
@@ -514,18 +513,33 @@ def esc(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random
         open_ = _open_prompts(held, stopped, cap)
         if open_.size == 0:
             break
-        need = np.minimum(window, cap[open_] - np.array([len(held[i]) for i in open_]))
+        need = np.minimum(step, cap[open_] - np.array([len(held[i]) for i in open_]))
         counts, pool = _serve_in_random_order(open_, need, pool, rng)
-        if not counts.any():
-            break
         _round(generator, ids, held, open_, counts)
-        for i, c, full in zip(open_, counts, need):
-            # Only a whole window is judged: a part paid from a short pool is no window of ESC's.
-            last = [s.answer for s in held[i][-c:]] if c == full else []
-            if last and last[0] is not None and all(a == last[0] for a in last):
-                stopped[i] = True
+        for i in open_[counts > 0]:
+            stopped[i] = stops([s.answer for s in held[i]])
         rounds += 1
     return _finish(generator, ids, held, budget, utility, rng, rounds=rounds)
+
+
+def esc_cap(cap: np.ndarray, window: int) -> np.ndarray:
+    """ESC's cap in whole windows: ``floor(cap / window)`` windows, as its code samples
+    (``range(sc_num // slice)`` in the authors' scripts), so the remainder of a cap that is not a multiple
+    of the window is never drawn. A prompt with fewer recorded samples than one window draws what it has
+    (one short window, which ends it), so that it still has an answer."""
+    return np.where(cap >= window, cap // window * window, cap)
+
+
+def esc(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
+        utility: str = "majority", window: int = 5, k_max: int | None = 40) -> PolicyOutcome:
+    """ESC (Li et al., ICLR 2024, "Escape Sky-high Cost") with its published defaults: each prompt draws
+    windows of ``window`` samples and stops once every answer of its latest window is the same
+    (``stopping.window_agrees``), or after the whole windows its cap holds (``esc_cap``; 40, as in the
+    paper's last-letters script); the answer is the vote over all its samples. The total budget only caps
+    it: a part of a window paid from a short pool ends the run and is never judged as a window."""
+    cap = esc_cap(_capacity(generator, ids, k_max), window)
+    return _early_stopping(generator, ids, budget, rng, utility, cap, window,
+                           lambda answers: window_agrees(answers, window))
 
 
 def adaptive_consistency(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
@@ -535,20 +549,15 @@ def adaptive_consistency(generator: Generator, ids: Sequence[str], budget: int, 
     time per prompt; stop once the Beta confidence that the leader is the mode,
     P(Beta(v1 + 1, v2 + 1) > 1/2), reaches ``threshold`` (0.95), or at the cap (40). The total budget
     only caps it: when the pool cannot pay every open prompt, a random subset gets the last samples."""
-    cap = _capacity(generator, ids, k_max)
-    held: list[list[Sample]] = [[] for _ in ids]
-    stopped = np.zeros(len(ids), dtype=bool)
-    pool, rounds = budget, 0
-    while pool > 0:
-        open_ = _open_prompts(held, stopped, cap)
-        if open_.size == 0:
-            break
-        counts, pool = _serve_in_random_order(open_, np.ones(open_.size, dtype=np.int64), pool, rng)
-        _round(generator, ids, held, open_, counts)
-        for i in open_[counts > 0]:
-            stopped[i] = beta_confidence([s.answer for s in held[i]], prior) >= threshold
-        rounds += 1
-    return _finish(generator, ids, held, budget, utility, rng, rounds=rounds)
+    return _early_stopping(generator, ids, budget, rng, utility, _capacity(generator, ids, k_max), 1,
+                           lambda answers: beta_confidence(answers, prior) >= threshold)
+
+
+def published_params(name: str) -> dict:
+    """The published defaults of a baseline in ``BASELINES``: its signature's defaults (the one place they
+    are written; the run, its configs and the benchmark read them from here)."""
+    check_choice("baseline", name, BASELINES)
+    return {k: v for k, v in _keywords(POLICY_FUNCTIONS[name]).items() if k != "utility"}
 
 
 def is_hopeless(counts: Sequence[int], drawn: int, hopeless: int) -> bool:
@@ -626,20 +635,23 @@ def _coverage_verdict(solved: bool, drawn: int, horizon: int, prior: float, pric
 
 
 class _Tally:
-    """A prompt's running state for ``stop_reallocate``: votes per answer, samples drawn, any success."""
+    """A prompt's running state for ``stop_reallocate``: its answers (votes by ``stopping.answer_counts``) and
+    whether any sample passed the verifier."""
 
     def __init__(self):
-        self.votes: Counter = Counter()
-        self.drawn = 0
+        self.answers: list[str | None] = []
         self.solved = False
 
+    @property
+    def drawn(self) -> int:
+        return len(self.answers)
+
     def add(self, samples: Sequence[Sample]) -> None:
-        self.votes.update(s.answer for s in samples if s.answer is not None)
-        self.drawn += len(samples)
+        self.answers.extend(s.answer for s in samples)
         self.solved = self.solved or any(s.correct for s in samples)
 
     def counts(self) -> tuple[int, ...]:
-        return tuple(sorted(self.votes.values(), reverse=True))
+        return answer_counts(self.answers)
 
 
 def stop_reallocate(generator: Generator, ids: Sequence[str], budget: int, *, rng: np.random.Generator,
@@ -718,7 +730,8 @@ def _check_prompts(prompts) -> None:
                          f"got {type(prompts).__name__}")
 
 
-# One check per parameter name, shared by every policy that takes it (k_max is checked against pilot).
+# One check per parameter name, shared by every policy that takes it (k_max is checked against pilot or ESC's
+# window).
 _PARAM_CHECKS: dict[str, Callable] = {
     "utility": lambda v: check_choice("utility", v, UTILITIES),
     "pilot": lambda v: check_integer("pilot", v, 1),
@@ -753,9 +766,11 @@ def _check_values(params: Mapping, takes: Mapping, what: str, *, k_max_optional:
         if key in _PARAM_CHECKS:
             _PARAM_CHECKS[key](value)
     if "k_max" in values:
-        pilot = values.get("pilot")
-        check_integer("k_max", values["k_max"], 1 if pilot is None else pilot,
-                      minimum_name=None if pilot is None else "pilot", optional=k_max_optional)
+        # A cap below the pilot cannot pay it; below ESC's window (a policy with a window and no pilot), it
+        # holds no whole window, and ESC draws whole windows only (``esc_cap``).
+        floor = next((k for k in ("pilot", "window") if values.get(k) is not None), None)
+        check_integer("k_max", values["k_max"], 1 if floor is None else values[floor], minimum_name=floor,
+                      optional=k_max_optional)
 
 
 def check_params(name: str, params: Mapping, *, complete: bool = True) -> None:

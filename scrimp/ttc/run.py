@@ -25,7 +25,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from scrimp.checks import check_choice
-from scrimp.ttc.allocate import BASELINES, POLICY_FUNCTIONS, UTILITIES, _keywords
+from scrimp.ttc.allocate import BASELINES, POLICY_FUNCTIONS, UTILITIES, _keywords, published_params
 from scrimp.ttc.crossfit import (
     candidate_params,
     crossfit_curve,
@@ -44,23 +44,25 @@ from scrimp.ttc.evaluate import (
     write_curves_csv,
 )
 from scrimp.ttc.generate import ReplayPrompt
-from scrimp.ttc.replay import convert_esc, load_replay, replay_stats, shared_data_dir
+from scrimp.ttc.replay import _json_lines, convert_esc, load_replay, replay_stats, shared_data_dir
 
-# The published defaults every comparison table shows (ESC's last-letters script; Adaptive-Consistency's
-# library default). Fixed here, not tuned: a baseline tuned on the data would no longer be the published one.
 # Policies whose answer under a verifier is a verified sample (the others are voting procedures, and
 # compute_optimal's plan is fitted for voting).
 COVERAGE_POLICIES = ("uniform", "oracle", "knapsack", "sequential", "stop_reallocate")
-BASELINE_PARAMS = {"esc": {"window": 5, "k_max": 40}, "adaptive_consistency": {"threshold": 0.95, "k_max": 40}}
+# The published defaults every comparison table shows (ESC's last-letters script; Adaptive-Consistency's
+# library default), read from the policies' signatures (their one source). Never tuned: a baseline tuned on
+# the data would no longer be the published one.
+BASELINE_PARAMS = {name: published_params(name) for name in BASELINES}
 
 
 def recorded_prompts(path: str, format: str = "replay", name: str | None = None) -> list[ReplayPrompt]:
     """The ``_target_`` of a recorded-samples data config: the prompts of ``path`` (relative paths are read
     from the shared data folder), ``format`` ``replay`` (canonical JSONL) or ``esc`` (converted on load)."""
-    if not isinstance(path, str) or not path.strip() or path == "???":
-        raise ValueError("data.path must name a recorded-samples file (canonical replay JSONL or ESC format), "
-                         "e.g. data=replay_file data.path=/abs/path/samples.jsonl")
-    check_choice("data.format", format, ("esc", "replay"))
+    from scrimp.training.validate import TTC_RULES
+
+    # The validation layer's rules, so that a direct call and a composed config are refused in the same words.
+    TTC_RULES["data.path"].check("data.path", path)
+    TTC_RULES["data.format"].check("data.format", format)
     file = Path(path)
     if not file.is_absolute():
         file = shared_data_dir() / file
@@ -72,13 +74,7 @@ def _prompt_lines(path: Path) -> list[tuple[str, str, str | None]]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path.name} line {lineno} is not valid JSON ({err.msg})") from None
+    for lineno, obj in _json_lines(path):  # the replay reader's parser: bad JSON or UTF-8 named by file and line
         if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("prompt"), str):
             raise ValueError(f"{path.name} line {lineno}: each line must be an object with 'id' and a string 'prompt'")
         ref = obj.get("reference")

@@ -53,7 +53,10 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp
     assert sorted(ddp_losses) == sorted(single_losses) == [0, 1, 2, 3]
     # The runs differ only in the order fp32 sums the batch: per step, each gradient entry sums
     # global batch x block_size = 4 x 32 token terms, and a recursive sum of N terms carries a relative
-    # error of at most (N - 1) u (Higham, Accuracy and Stability, Sec. 4.2). Four steps compound it.
+    # error of at most (N - 1) u (Higham, Accuracy and Stability, Sec. 4.2). Adam divides each moment by
+    # its own scale, so a relative change of the gradient is at most that relative change of the
+    # update, except for entries near zero whose sign may flip: those carry almost no gradient, so
+    # they move the loss only to second order. Four steps compound the bound.
     tokens, steps = 4 * 32, 4
     rel = steps * (tokens - 1) * 2.0**-24
     for step in range(4):

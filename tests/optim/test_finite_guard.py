@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scrimp.optim import ZOSGD, FrugalAdamW, GaLoreAdamW, GaLoreAdamW8bit, SubspaceAdamW
-from scrimp.optim.finite_guard import all_finite_flag, first_nonfinite
+from scrimp.optim.finite_guard import all_finite_exact, all_finite_flag, first_nonfinite
 
 BAD_VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -41,6 +41,34 @@ def test_finite_entries_whose_sum_overflows_are_cleared_by_the_exact_search():
     big = torch.full((4,), 3e38)  # finite, but their fp32 sum is inf
     assert not bool(all_finite_flag([big]))
     assert first_nonfinite([torch.ones(3), big]) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_exact_verdict_is_the_brute_force_one_and_never_a_false_alarm(dtype):
+    # The verdict layer-wise updates and the Lightning module take (one rule for the library): it
+    # must equal torch.isfinite over every entry, also where the cheap sum overflows (huge, finite).
+    huge = torch.finfo(dtype).max / 2
+    gen = torch.Generator().manual_seed(1)
+    cases = {"finite": [torch.randn(40, 7, generator=gen).to(dtype), torch.full((300,), huge, dtype=dtype)]}
+    for bad in BAD_VALUES.values():
+        poisoned = [t.clone() for t in cases["finite"]]
+        poisoned[1][17] = bad
+        cases[f"{bad}"] = poisoned
+    for name, tensors in cases.items():
+        expect = all(bool(torch.isfinite(t).all()) for t in tensors)
+        assert bool(all_finite_exact(tensors)) is expect, name
+        assert all_finite_exact(tensors).shape == ()
+    # the case is real: the sum alone raises a false alarm there (fp16 is summed in fp32, which cannot overflow)
+    assert dtype == torch.float16 or not bool(all_finite_flag(cases["finite"]))
+
+
+def test_sparse_gradients_are_judged_by_their_stored_values_and_meta_tensors_are_skipped():
+    dense = torch.zeros(6, 3)
+    dense[4] = torch.tensor([1.0, float("nan"), 2.0])
+    sparse = dense.to_sparse()
+    assert not bool(all_finite_exact([sparse])) and first_nonfinite([torch.ones(2), sparse]) == 1
+    assert bool(all_finite_exact([torch.zeros(6, 3).to_sparse(), torch.empty(4, device="meta")]))
+    assert bool(all_finite_exact([torch.empty(4, device="meta")]))
 
 
 def model_params():
@@ -158,3 +186,24 @@ def test_the_training_module_turns_the_guard_off_because_it_checks_the_gradients
     module = CausalLMModule("llama_tiny", {"name": "galore", "rank": 8}, vocab_size=256)
     assert module.build_optimizer().check_finite is False
     assert build({"name": "galore", "rank": 8}, module.model).check_finite is True
+
+
+def test_a_refused_zeroth_order_step_consumes_no_draw():
+    # Two finite losses whose difference overflows make a non-finite projected gradient: refused,
+    # and the next step draws the directions that a run which never met the refused step would draw.
+    ps = [torch.nn.Parameter(torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))]
+    opt = ZOSGD(ps, lr=1e-3, eps=1e-3, seed=5)  # hook: probes never touch the weights
+    calls = {"n": 0}
+
+    def wild():  # +1e308 at theta + eps z, -1e308 at theta - eps z: both finite, the difference is not
+        calls["n"] += 1
+        return torch.tensor(1e308 if calls["n"] % 2 else -1e308, dtype=torch.float64)
+
+    before, draws, steps = ps[0].detach().clone(), opt.draws, opt.steps
+    with pytest.raises(FloatingPointError, match="grads hold inf or NaN"):
+        opt.step(wild)
+    assert torch.equal(ps[0], before) and (opt.draws, opt.steps) == (draws, steps)
+    reference = ZOSGD([torch.nn.Parameter(before.clone())], lr=1e-3, eps=1e-3, seed=5)
+    opt.step(lambda: (ps[0] ** 2).sum())
+    reference.step(lambda: (reference.param_groups[0]["params"][0] ** 2).sum())
+    assert torch.equal(ps[0], reference.param_groups[0]["params"][0])

@@ -510,7 +510,8 @@ def test_accumulate_4_nan_anywhere_in_a_window_updates_nothing_and_the_next_wind
     loop(model, opt, grads[0])
     after_first = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(FloatingPointError, match=r"^the gradient of 0.weight holds inf or NaN in this accumulation "
-                                                 r"window; no parameter was updated with the window"):
+                                                 r"window \(in a micro-batch, or in the sum of finite ones\); no "
+                                                 r"parameter was updated with the window"):
         loop(model, opt, bad)
     for a, b in zip(model.parameters(), after_first):
         assert torch.equal(a, b)
@@ -520,6 +521,121 @@ def test_accumulate_4_nan_anywhere_in_a_window_updates_nothing_and_the_next_wind
     for a, b in zip(model.parameters(), reference.parameters()):
         assert torch.equal(a, b)
 
+
+# -- the wrapper owns the finite-gradient rule (review of issue 13: no half-applied window) ---------
+def poisoned_windows(model, name, windows, bad_window, value, seed=11):
+    """Teacher gradients (2 micro-batches per window) with ``value`` filling parameter ``name``'s
+    gradient in every micro-batch of window ``bad_window``."""
+    index = [n for n, _ in model.named_parameters()].index(name)
+    grads = [[list(micro) for micro in window[:2]] for window in teacher_gradients(model, windows, seed)]
+    for micro in grads[bad_window]:
+        micro[index] = torch.full_like(micro[index], value)
+    return grads
+
+
+def test_check_finite_false_a_nan_in_a_plain_parameter_is_applied_whole_and_the_next_window_trains():
+    # The documented contract of check_finite=False: nothing is checked, in the wrapper or in the
+    # inner optimizer (whose own default check would refuse after the low-rank weights had moved,
+    # and leave the window's sums behind). Reference: plain accumulation with an unchecked GaLore.
+    factory = lambda gs: GaLoreAdamW(gs, lr=1e-2, update_proj_gap=2)  # noqa: E731  (check_finite left at its default)
+    model, groups = model_and_groups(rank=3)
+    grads = poisoned_windows(model, "4.bias", windows=3, bad_window=1, value=float("nan"))
+    ref_model, ref_groups = model_and_groups(rank=3)
+    plain = GaLoreAdamW(ref_groups, lr=1e-2, update_proj_gap=2, check_finite=False)
+    opt = layerwise(model, factory, accumulate=2, groups=groups, check_finite=False)
+    for window in grads:  # window 1 is a low-rank window: 0.weight and 2.weight step from projected sums
+        plain.zero_grad()
+        for micro in window:
+            teacher_backward(ref_model, micro)
+        plain.step()
+        step_per_window(model, opt, window)
+        for a, b in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # dyadic teacher sums: bit for bit
+    assert torch.isnan(model[4].bias).all() and torch.isfinite(model[0].weight).all()
+
+
+@pytest.mark.parametrize("name, param, sums", [("frugal-randk", "0.weight", "low-rank"), ("galore", "4.bias", "full")])
+def test_finite_gradients_whose_window_sum_overflows_update_nothing_and_the_next_window_trains(name, param, sums):
+    # 2e38 is finite in fp32, 2e38 + 2e38 is not. randk keeps a subset of the entries exactly, so the
+    # low-rank window sum of 0.weight overflows while every micro-batch's gradient (and projection)
+    # is finite: only a check of the sum itself sees it. Reference: plain accumulation of the other
+    # windows, since the refused one must change nothing (weights, moments, projector clock).
+    projection, factory = FACTORIES[name]
+    model, groups = model_and_groups(**projection)
+    grads = poisoned_windows(model, param, windows=3, bad_window=1, value=2e38)
+    ref_model, ref_groups = model_and_groups(**projection)
+    plain = factory(ref_groups)
+    for window in (grads[0], grads[2]):
+        plain.zero_grad()
+        for micro in window:
+            teacher_backward(ref_model, micro)
+        plain.step()
+    opt = layerwise(model, factory, accumulate=2, groups=groups)
+    step_per_window(model, opt, grads[0])
+    for micro in grads[1]:
+        teacher_backward(model, micro)
+    assert (dict(model.named_parameters())[param].grad is None) == (sums == "low-rank")  # where the sum is kept
+    after_first = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match=rf"^the gradient of {param} holds inf or NaN in this accumulation "
+                                                 r"window \(in a micro-batch, or in the sum of finite ones\)"):
+        opt.step()
+    for a, b in zip(model.parameters(), after_first):
+        assert torch.equal(a, b)
+    assert all(p.grad is None for p in model.parameters()) and not opt._accum
+    step_per_window(model, opt, grads[2])
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+
+
+class SparseLookup(torch.nn.Module):
+    """A dense layer that steps first and a sparse embedding that torch's AdamW refuses in its step()."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dense = torch.nn.Linear(4, 3)
+        self.lookup = torch.nn.Embedding(8, 4, sparse=True)
+
+    def loss(self, seed, use_lookup):
+        g = torch.Generator().manual_seed(seed)
+        x = self.lookup(torch.randint(0, 8, (5,), generator=g)) if use_lookup else torch.randn(5, 4, generator=g)
+        return self.dense(x).pow(2).mean()
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_an_update_that_fails_partway_says_so_and_leaves_the_optimizer_usable(accumulate):
+    # torch's AdamW refuses sparse gradients inside its step(), after the dense parameters' updates:
+    # the error must not hide that some weights moved, and the wrapper must not keep the failed
+    # window's gradients or counters (every later call would be refused). Reference: per-parameter
+    # AdamW on the dense layer fed the same gradients (the failed window's dense update included).
+    model, reference = SparseLookup(), SparseLookup()
+    factory = lambda gs: torch.optim.AdamW(gs, lr=1e-2)  # noqa: E731
+    opt = layerwise(model, factory, accumulate=accumulate, groups=[{"params": [model.dense.weight, model.dense.bias,
+                                                                                  model.lookup.weight]}])
+    plain = factory([reference.dense.weight, reference.dense.bias])
+    lookup_before = model.lookup.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"^a layer-wise update stopped partway, so some parameters may already "
+                                           r"hold it .* starts clean: RuntimeError: Adam does not support sparse") as err:
+        for seed in range(accumulate):
+            model.loss(seed, use_lookup=True).backward()
+            opt.step()
+    assert "\n" not in str(err.value)
+    for seed in range(accumulate):
+        reference.loss(seed, use_lookup=True).backward()
+    plain.step()
+    plain.zero_grad()
+    assert torch.equal(model.lookup.weight, lookup_before)
+    assert all(p.grad is None for p in model.parameters()) and not opt._arrivals and not opt._micro
+    for seed in range(10, 10 + 2 * accumulate):  # two more windows without the lookup train normally
+        model.loss(seed, use_lookup=False).backward()
+        opt.step()
+        opt.zero_grad()
+        reference.loss(seed, use_lookup=False).backward()
+        if (seed + 1) % accumulate == 0:
+            plain.step()
+            plain.zero_grad()
+    for a, b in zip(model.dense.parameters(), reference.dense.parameters()):
+        assert torch.equal(a, b)
 
 # -- checkpoints inside a window --------------------------------------------------------------------
 def real_backward(model, batch):

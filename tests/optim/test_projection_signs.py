@@ -157,3 +157,20 @@ def test_align_keeps_the_carried_first_moment_meaningful_across_a_refresh():
             assert error < 0.2, error
         else:  # the solver's signs ignore the flipped history
             assert error > 0.5, error
+
+
+def test_a_state_from_before_sign_rule_keeps_the_loading_optimizers_choice():
+    W = torch.nn.Parameter(torch.randn(8, 12))
+    W.grad = torch.randn(8, 12)
+    opt = GaLoreAdamW([{"params": [W], "rank": 2}], sign_rule="align")
+    opt.step()
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        group.pop("sign_rule")  # as written before the key existed
+    for rule in ("solver", "canonical"):
+        loader = GaLoreAdamW([{"params": [W], "rank": 2}], sign_rule=rule)
+        loader.load_state_dict(old)
+        assert loader.param_groups[0]["sign_rule"] == rule
+    saved = GaLoreAdamW([{"params": [W], "rank": 2}], sign_rule="solver")
+    saved.load_state_dict(opt.state_dict())  # a saved value wins, as torch restores every saved group key
+    assert saved.param_groups[0]["sign_rule"] == "align"

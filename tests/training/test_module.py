@@ -205,6 +205,21 @@ def test_gradient_check_reads_fp16_norms_safely_and_leaves_fp16_amp_to_its_scale
     module.on_before_optimizer_step(None)
 
 
+def test_gradient_check_is_the_libraries_exact_rule_with_no_false_alarm_from_huge_finite_gradients():
+    # The module uses finite_guard's verdict (a sum per gradient off CUDA): finite gradients whose
+    # fp32 sum overflows must pass, as torch.isfinite says (the brute-force reference), not be
+    # refused as "another rank's" non-finite values; one inf among them is refused, naming it.
+    module = CausalLMModule("llama_tiny", {"name": "adamw"}, vocab_size=64)
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 1e37)  # finite; 64 or more of them sum past the fp32 maximum
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+    module.on_before_optimizer_step(None)
+    module.model.model.norm.weight.grad[3] = float("-inf")
+    with pytest.raises(FloatingPointError, match="^the gradient of model.model.norm.weight holds inf or NaN although "
+                                                 "the loss is finite"):
+        module.on_before_optimizer_step(None)
+
+
 def test_a_nan_loss_stops_the_automatic_path_before_its_step():
     import lightning as L
 

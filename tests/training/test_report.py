@@ -52,11 +52,13 @@ def _check_row(cells: list[str], summary: dict, metric: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """A real two-job multirun (adamw, galore) of the tiny config; its folder and its stdout."""
+def sweep(tmp_path_factory, cache_dir):
+    """A real two-job multirun (adamw, galore) of the tiny config; its folder and its stdout. It shares
+    the training tests' token cache, so the tokenizer is trained once per session."""
     root = tmp_path_factory.mktemp("report")
-    env = {**os.environ, "SCRIMP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "experiments.train", "-m", "optim=adamw,galore", *SMALL,
+                           f"data.cache_dir={cache_dir}",
                            "trainer.max_steps=2", "trainer.val_check_interval=2",
                            f"hydra.sweep.dir={root}/sweep"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -95,9 +97,10 @@ def test_scrimp_report_prints_the_same_table_and_writes_a_plot(sweep, tmp_path, 
     # one run folder, another metric: the same numbers from the same summary
     with pytest.raises(SystemExit):
         scrimp_main(["report", str(sweep_dir / "1"), "--plot", str(plot), "--metric", "val/ppl"])
-    rows = _table_rows(capsys.readouterr().out)
+    (row,) = _table_rows(capsys.readouterr().out).values()
     summary = json.loads((sweep_dir / "1" / "summary.json").read_text())
-    _check_row(rows["optim=galore"], summary, "val/ppl")
+    assert row[0].startswith("optim=galore ")  # a single run: all its overrides
+    _check_row(row, summary, "val/ppl")
 
 
 def test_a_metric_no_run_has_is_shown_as_missing(sweep, tmp_path, capsys):
@@ -123,3 +126,44 @@ def test_bad_report_folders_end_with_one_sentence(make, message, tmp_path, capsy
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("error: ") and message in out[0]
     assert not (tmp_path / "p.png").exists()
+
+
+# -- loggers are _target_ configs (conf/logger/) ------------------------------------------------------
+def test_logger_configs_are_instantiated_and_null_drops_one(small_cfg, tmp_path):
+    from scrimp.training.run import train
+
+    run_dir = tmp_path / "tb"
+    train(small_cfg("logger=tensorboard", "logger.csv=null", "trainer.max_steps=2",
+                    "trainer.val_check_interval=2", run_dir=run_dir))
+    assert list((run_dir / "tensorboard" / "version_0").glob("events.out.tfevents.*"))
+    assert not (run_dir / "csv").exists()
+
+
+def test_a_logger_whose_package_is_missing_is_left_out_with_a_warning(small_cfg, tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here; the fallback needs it absent")
+    except ImportError:
+        pass
+    from lightning.pytorch.loggers import CSVLogger
+
+    from scrimp.training.run import _loggers  # the trainer's loggers, without a training run
+
+    with pytest.warns(UserWarning, match="logger.wandb is on but its package is not installed"):
+        kept = _loggers(small_cfg("logger=wandb"), tmp_path)
+    assert [type(x).__mro__[1] for x in kept] == [CSVLogger] and kept[0].save_dir == str(tmp_path)
+    with pytest.warns(UserWarning, match="logger.wandb"):  # the only logger missing: CSV is the fallback
+        (fallback,) = _loggers(small_cfg("logger=wandb", "logger.csv=null"), tmp_path)
+    assert isinstance(fallback, CSVLogger) and fallback.log_dir == str(tmp_path / "csv" / "version_0")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("logger.csv=abc", "logger.csv must be null or a mapping with a '_target_'"),
+    ("+logger.mine={name: x}", "logger.mine must be null or a mapping with a '_target_'"),
+])
+def test_a_logger_that_is_not_a_target_config_is_refused_before_training(small_cfg, override, message, tmp_path):
+    from scrimp.training.run import train
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(small_cfg(override, run_dir=tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "summary.json").exists()

@@ -105,21 +105,77 @@ def test_a_second_process_on_a_run_dir_is_refused_naming_its_pid_and_the_os_rele
         assert (run_dir / LOCK_NAME).read_text() == f"{os.getpid()}\n"
 
 
-def test_resume_into_the_same_run_dir_appends_to_the_earlier_metrics(small_cfg, tmp_path):
+def side_rows(run_dir: Path, n: int) -> list[dict]:
+    with open(run_dir / "csv" / "version_0" / f"metrics.replaced-{n}.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_resume_into_the_same_run_dir_keeps_every_row_and_each_step_once_in_metrics_csv(small_cfg, tmp_path):
     run_dir = tmp_path / "run"
     common = [*FAST, "checkpoint.every_n_steps=2", "checkpoint.keep=-1"]
     train(small_cfg(*common, "trainer.max_steps=4"))
     before = metric_rows(run_dir)
     assert {int(r["step"]) for r in before if r["train/loss"]} == {0, 1, 2, 3}
+    # The checkpoint of step 2 is resumed: steps 2 and 3 are logged again (Lightning's row step is
+    # global_step - 1 for training rows), so the first segment's rows from step 2 on are set aside.
     train(small_cfg(*common, "trainer.max_steps=6", f"ckpt_path={run_dir / 'checkpoints' / 'step000002.ckpt'}"))
-    after = metric_rows(run_dir)
-    assert after[:len(before)] == before  # every earlier row, unchanged
-    appended = after[len(before):]
+    after, replaced = metric_rows(run_dir), side_rows(run_dir, 1)
+    kept = [r for r in before if int(r["step"]) < 2]
+    assert after[:len(kept)] == kept and replaced == [r for r in before if int(r["step"]) >= 2]  # no row lost
+    appended = after[len(kept):]
     assert {int(r["step"]) for r in appended if r["train/loss"]} == {2, 3, 4, 5}  # steps 3..6 of the resumed run
-    # Resuming the finished run trains nothing more and still deletes nothing (before: 0 rows were left).
+    train_steps = [int(r["step"]) for r in after if r["train/loss"]]
+    val_steps = [int(r["step"]) for r in after if r["val/loss"]]
+    assert train_steps == [0, 1, 2, 3, 4, 5] and val_steps == [1, 3, 5]  # each step once, in order
+    # Resuming the finished run trains nothing more: nothing is set aside, nothing deleted.
     last = sorted((run_dir / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
     train(small_cfg(*common, "trainer.max_steps=6", f"ckpt_path={last}"))
     assert metric_rows(run_dir)[:len(after)] == after
+    assert not (run_dir / "csv" / "version_0" / "metrics.replaced-2.csv").exists()
+
+
+def test_a_fresh_run_into_a_used_run_dir_sets_every_earlier_row_aside(small_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    train(small_cfg(*FAST, "trainer.max_steps=2", "checkpoint.enabled=false"))
+    first = metric_rows(run_dir)
+    train(small_cfg(*FAST, "trainer.max_steps=2", "checkpoint.enabled=false", "seed=1"))
+    second = metric_rows(run_dir)
+    assert side_rows(run_dir, 1) == first  # the earlier run, whole
+    assert [int(r["step"]) for r in second if r["train/loss"]] == [0, 1] and second != first
+
+
+def _fill(folder: Path) -> None:
+    """Write into ``folder`` until its file system is full (ENOSPC): no byte is left for a rewrite."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_a_header_rewrite_that_does_not_fit_leaves_every_earlier_row(tmp_path, tmpfs):
+    from scrimp.training.run_folder import appending_csv_logger
+
+    disk = tmpfs(tmp_path / "small_disk", size="1m")
+    folder = disk / "csv" / "version_0"
+    folder.mkdir(parents=True)
+    rows = [{"step": str(i), "train/loss": f"{1 / (i + 1):.6f}"} for i in range(20_000)]  # about 300 KB
+    with open(folder / "metrics.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["step", "train/loss"])
+        writer.writeheader()
+        writer.writerows(rows)
+    original = (folder / "metrics.csv").read_bytes()
+    _fill(disk)  # the wider file (one more comma a row) cannot fit, even in place of the old one
+    writer = appending_csv_logger(disk).experiment  # a later segment, logging a new key
+    writer.log_metrics({"val/loss": 1.0}, step=20_000)
+    with pytest.raises(RunFolderError, match=r"^metrics file '.*metrics.csv' could not be written \(the disk is "
+                                             r"full\); the previous metrics file there is intact"):
+        writer.save()
+    assert (folder / "metrics.csv").read_bytes() == original
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.csv"]  # no temporary left
 
 
 def test_an_orphan_temporary_of_a_killed_writer_is_removed_at_start_and_nothing_else(tmp_path):
@@ -150,11 +206,13 @@ def test_a_checkpoint_that_does_not_fit_is_one_sentence_and_the_previous_one_sta
     assert torch.equal(torch.load(folder / "last.ckpt")["w"], torch.arange(1000.0))
 
 
-def test_a_full_disk_is_refused_before_training(small_cfg, tmp_path, tmpfs):
+def test_a_full_disk_is_refused_before_the_data_is_touched(small_cfg, tmp_path, tmpfs):
     run_dir = tmpfs(tmp_path / "run", size="1m")  # llama_tiny's checkpoint is about 6 MiB
+    fresh_cache = tmp_path / "fresh_cache"  # the tokenizer and token cache would be built here
     with pytest.raises(RunFolderError, match=r"has .* free but this run's checkpoints need about .*; free some space"):
-        train(small_cfg(*FAST, "trainer.max_steps=2", run_dir=run_dir))
+        train(small_cfg(*FAST, "trainer.max_steps=2", f"data.cache_dir={fresh_cache}", run_dir=run_dir))
     assert not (run_dir / "csv").exists() and not list(run_dir.rglob("*.ckpt"))
+    assert not fresh_cache.exists()  # sized from the meta-device model: no tokenizer was trained
 
 
 @pytest.mark.parametrize("read_only", ["run_dir", "checkpoints"])

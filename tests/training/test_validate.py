@@ -130,6 +130,11 @@ BAD_TRAIN_INPUTS = [
     (["optim.layerwise=true"], "module.grad_clip", "1.0"),  # no global norm inside backward
     (["optim.layerwise=true", "module.grad_clip=null", "trainer.accumulate_grad_batches=2"],
      "trainer.accumulate_grad_batches", "2"),
+    # layer-wise updates on several processes, however the world size is spelled
+    (["optim.layerwise=true", "module.grad_clip=null", "trainer.devices='0,1'"], "optim.layerwise", "on 2 processes"),
+    (["optim.layerwise=true", "module.grad_clip=null", "trainer.devices=[0,1]"], "optim.layerwise", "on 2 processes"),
+    (["optim.layerwise=true", "module.grad_clip=null", "trainer.devices='2'"], "optim.layerwise", "on 2 processes"),
+    (["optim.layerwise=true", "module.grad_clip=null", "+trainer.num_nodes=2"], "optim.layerwise", "on 2 processes"),
     (["optim=adamw", "+optim.rank=8"], "optim.rank", None),  # AdamW has no rank
     (["optim=adamw", "optim.betas=[0.9]"], "optim.betas", "[0.9]"),
     (["optim=adamw", "optim.betas=[0.9,1.5]"], "optim.betas", "[0.9, 1.5]"),
@@ -151,7 +156,7 @@ BAD_TRAIN_INPUTS = [
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path", "'/nonexistent/last.ckpt'"),
     (["print_table=abc"], "print_table", "'abc'"),
     (["logger.csv=abc"], "logger.csv", "'abc'"),
-    (["logger.tensorboard=5"], "logger.tensorboard", "5"),
+    (["+logger.tensorboard=5"], "logger.tensorboard", "5"),  # loggers are _target_ configs (conf/logger)
     (["+logger.wandb=true"], "logger.wandb", None),
     (["optimized_metric=5"], "optimized_metric", "5"),
     (["optimized_metric=[]"], "optimized_metric", "[]"),
@@ -343,3 +348,27 @@ if __name__ == "__main__":
     for given, ended in rows:
         print(f"| `{given}` | {ended.replace('|', '/')} |")
     print(f"\n{len(rows)} inputs, {sum(not r.startswith('accepted') for _, r in rows)} refused in one sentence")
+
+
+@pytest.mark.parametrize("devices,num_nodes", [(1, 1), (2, 1), ("2", 1), (2, 3), ("auto", 1), ("auto", 2)])
+def test_the_planned_world_size_is_the_one_lightnings_trainer_gets(devices, num_nodes):
+    import lightning as L
+
+    from scrimp.training.validate import planned_world_size
+
+    trainer = L.Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    flat = {"trainer.accelerator": "cpu", "trainer.devices": devices, "trainer.num_nodes": num_nodes}
+    assert planned_world_size(flat) == trainer.world_size
+
+
+@pytest.mark.parametrize("devices", ["0,1", "1,", "0, 2,", "3", [0, 1], [2]])
+def test_device_indices_count_as_lightning_parses_them(devices):
+    from lightning.fabric.utilities.device_parser import _normalize_parse_gpu_string_input
+
+    from scrimp.training.validate import planned_world_size
+
+    parsed = _normalize_parse_gpu_string_input(devices) if isinstance(devices, str) else devices
+    expected = len(parsed) if isinstance(parsed, list) else parsed
+    assert planned_world_size({"trainer.accelerator": "cuda", "trainer.devices": devices, "trainer.num_nodes": 2}) \
+        == 2 * expected

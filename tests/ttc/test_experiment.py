@@ -187,3 +187,20 @@ def test_summary_write_leaves_no_temporary_file_when_it_fails(tmp_path, monkeypa
     with pytest.raises(OSError, match="no space left"):
         _atomic_json({"x": 1}, tmp_path / "summary.json")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("overrides", "call"), [
+    (["data=replay_file"], {"path": "???"}),
+    (["data.path=5"], {"path": 5}),
+    (["data.format=csv"], {"path": "ttc/x.jsonl", "format": "csv"}),
+])
+def test_a_bad_data_path_or_format_reads_the_same_from_the_config_and_the_target(tmp_path, overrides, call):
+    # One rule (the validation layer's TTC_RULES) for both ways in: the composed config and a direct call of
+    # the data config's _target_ (which had its own, different sentence).
+    from scrimp.ttc.run import recorded_prompts
+
+    with pytest.raises(ValueError) as composed:
+        run(_cfg(*overrides), tmp_path)
+    with pytest.raises(ValueError) as direct:
+        recorded_prompts(**call)
+    assert str(direct.value) == str(composed.value)

@@ -54,3 +54,17 @@ def test_bad_live_generator_settings_are_one_sentence(tmp_path, model_dir, overr
     cfg = _cfg("data=hf_model", f"data.model={model_dir}", f"data.path={_prompts(tmp_path)}", override)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         run(cfg, tmp_path / "out")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b'\xff\xfe{"id": 1}\n', r"prompts\.jsonl line 1 is not valid UTF-8"),  # was Python's "'utf-8' codec can't..."
+    (b'{"id": 1, "prompt": "a"}\n\xe9\n', r"prompts\.jsonl line 2 is not valid UTF-8"),
+    (b'{"id": 1, "prompt": "a"}\n{oops\n', r"prompts\.jsonl line 2 is not valid JSON"),
+    (b'{"id": 1}\n', r"prompts\.jsonl line 1: each line must be an object with 'id' and a string 'prompt'"),
+])
+def test_a_bad_prompts_file_is_named_with_its_line(tmp_path, model_dir, content, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(content)
+    cfg = _cfg("data=hf_model", f"data.model={model_dir}", f"data.path={path}", "data.samples=2")
+    with pytest.raises(ValueError, match=message):
+        run(cfg, tmp_path / "out")

@@ -64,23 +64,39 @@ def _run_one(policy, order, budget, **params):
 
 
 def _esc_reference(answers, window, cap):
-    """ESC as the paper states it: windows of w until one window agrees on an answer; vote over all."""
+    """ESC as its authors' code runs it (``for index in range(sc_num // slice)``): whole windows of w, at
+    most floor(cap / w) of them, until one window agrees on an answer; the vote is over all drawn. The
+    remainder of a cap that is not a multiple of w is never drawn."""
     drawn = 0
-    while drawn < cap:
-        chunk = answers[drawn:min(drawn + window, cap)]
-        drawn += len(chunk)
+    for _ in range(cap // window):
+        chunk = answers[drawn:drawn + window]
+        drawn += window
         if chunk[0] is not None and all(a == chunk[0] for a in chunk):
             break
     return drawn, _plurality_set(answers[:drawn])
 
 
-@pytest.mark.parametrize("window", [2, 3])
-def test_esc_matches_brute_force_over_every_order(window):
-    multiset = ("a", "a", "a", "b", "b", None)
+# (window, cap): caps that are multiples of the window, and caps that leave a short remainder (6 = 4 + 2,
+# 5 = 2 + 2 + 1, 7 = 3 + 3 + 1), which ESC never draws.
+@pytest.mark.parametrize(("window", "cap"), [(2, 6), (3, 6), (4, 6), (2, 5), (3, 7)])
+def test_esc_matches_brute_force_over_every_order(window, cap):
+    multiset = ("a", "a", "a", "b", "b", None, "c")[:cap]
     for order in _orders(multiset):
-        out = _run_one("esc", _samples(order), 6, window=window, k_max=6)
-        spent, winners = _esc_reference(list(order), window, 6)
+        out = _run_one("esc", _samples(order), cap, window=window, k_max=cap)
+        spent, winners = _esc_reference(list(order), window, cap)
         assert out.spent[0] == spent and out.answers[0] in winners, order
+
+
+def test_esc_refuses_a_cap_below_one_window():
+    # ESC draws whole windows only: k_max=3 with windows of 5 holds none (it drew 3 and judged them).
+    with pytest.raises(ValueError, match=r"k_max must be an integer >= window=5 \(or None\), got 3"):
+        _run_one("esc", _samples(("a", "a", "a")), 3, k_max=3)
+
+
+def test_esc_draws_a_prompt_recorded_below_one_window_whole():
+    # Recorded data, not a parameter: a prompt with 3 samples and windows of 5 spends its 3 and has an answer.
+    out = _run_one("esc", _samples(("b", "a", "b")), 5, window=5, k_max=40)
+    assert out.spent.tolist() == [3] and out.answers == ["b"]
 
 
 # -------------------------------------------------------------------------- Adaptive-Consistency brute force
@@ -200,3 +216,21 @@ def test_stop_reallocate_refuses_bad_parameters_in_one_sentence(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=f"^{key} must be"):
         run_policy("stop_reallocate", FixedOrderGenerator({"p": _samples(("a",) * 4)}), ["p"], 4, **bad)
+
+
+def test_published_baseline_defaults_have_one_source():
+    # The papers' values (ESC: windows of 5, cap 40 in its last-letters script; Adaptive-Consistency: Beta
+    # rule with a uniform prior, threshold 0.95, cap 40), written once: the signatures. The run and the
+    # policy configs read them there, so a config that restated them could drift from the policy.
+    from pathlib import Path
+
+    import yaml
+
+    from scrimp.ttc.allocate import published_params
+    from scrimp.ttc.run import BASELINE_PARAMS
+
+    papers = {"esc": {"window": 5, "k_max": 40}, "adaptive_consistency": {"threshold": 0.95, "prior": 1.0, "k_max": 40}}
+    assert {name: published_params(name) for name in papers} == papers == BASELINE_PARAMS
+    conf = Path(__file__).resolve().parents[2] / "conf" / "ttc" / "policy"
+    for name in papers:
+        assert yaml.safe_load((conf / f"{name}.yaml").read_text())["params"] == {}, name

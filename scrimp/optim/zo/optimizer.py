@@ -260,7 +260,15 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         n = len(micro)
         # average over micro-batches: one weight per seed
         grads = [sum(m[j] for m in micro) / n for j in range(len(seeds))]
-        plan = self.commit(self.make_record(seeds, grads), apply=apply)
+        record = self.make_record(seeds, grads)
+        try:
+            check_record(record, len(self.param_groups))
+        except (ValueError, FloatingPointError):
+            # refused before anything is booked, the draw counter included: a retry draws the same
+            # directions, as a run that never met this step would (its scalars are dropped: not finite)
+            self.draws -= 1
+            raise
+        plan = self.commit(record, apply=apply)
         return loss if apply else plan
 
     def make_record(self, seeds: list[int], grads: list[float]) -> dict:
