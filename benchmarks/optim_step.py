@@ -215,13 +215,19 @@ def optimizers(rank: int, gap: int):
     return table
 
 
-def bench_size(size: str, args, progress) -> tuple[str, list[Result]]:
+def llama_parameters(size: str, args):
+    """(rank, blocks kept, blocks, projected params, plain params, generator) at a LLaMA size's shapes."""
     d, layers, ffn, vocab, rank = SIZES[size]
     kept = layers if size != "1b" else min(args.layers_1b, layers)
     proj_shapes, plain_shapes = llama_shapes(d, kept, ffn, vocab)
     gen = torch.Generator().manual_seed(0)
     projected = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in proj_shapes]
     plain = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in plain_shapes]
+    return rank, kept, layers, projected, plain, gen
+
+
+def bench_size(size: str, args, progress) -> tuple[str, list[Result]]:
+    rank, kept, layers, projected, plain, gen = llama_parameters(size, args)
     grads = [[torch.randn(p.shape, generator=gen) * 1e-3 for p in projected + plain] for _ in range(2)]
     steps = args.steps or args.gap + 1
     if size == "1b" and args.steps_1b:
@@ -259,12 +265,7 @@ def guard_cost(size: str, args, progress) -> str:
     """The check_finite guard's share of a step, measured side by side (see the module doc)."""
     from scrimp.optim.finite_guard import first_nonfinite
 
-    d, layers, ffn, vocab, rank = SIZES[size]
-    kept = layers if size != "1b" else min(args.layers_1b, layers)
-    proj_shapes, plain_shapes = llama_shapes(d, kept, ffn, vocab)
-    gen = torch.Generator().manual_seed(0)
-    projected = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in proj_shapes]
-    plain = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in plain_shapes]
+    rank, _, _, projected, plain, gen = llama_parameters(size, args)
     params = projected + plain
     grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
     for p, g in zip(params, grads):

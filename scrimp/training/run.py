@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
 import subprocess
 import time
@@ -40,8 +39,8 @@ from scrimp.training.run_folder import (
     appending_csv_logger,
     check_checkpoint_space,
     checkpoint_enabled,
-    checkpoint_write_error,
     open_run_folder,
+    write_atomic,
 )
 from scrimp.training.validate import check_resume, check_resume_vocab, check_train_config, meta_model
 
@@ -288,18 +287,10 @@ def _last_checkpoint(trainer) -> str | None:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file, then rename it over ``path``; a failed write (disk full) is one
-    sentence, leaves no temporary and keeps the earlier file."""
+    """Write JSON atomically (``run_folder.write_atomic``): a failed write (disk full) is one sentence,
+    leaves no temporary and keeps the earlier file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str))
-        os.replace(tmp, path)
-    except OSError as err:
-        raise checkpoint_write_error(path, err, what="file") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    write_atomic(path, lambda file: file.write(json.dumps(payload, indent=2, sort_keys=False, default=str)))
 
 
 def _fmt_bytes(n: float) -> str:

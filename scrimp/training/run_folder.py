@@ -32,8 +32,9 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -333,25 +334,33 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def write_csv_atomic(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
-    """Write a CSV to ``.<name>.tmp<pid>``, fsync it, rename it over ``path``: a kill or a full disk
-    mid-write leaves the earlier file whole (one sentence for a failed write; no temporary is left)."""
-    import csv
-
+def write_atomic(path: Path, write: Callable[[IO[str]], None], what: str = "file") -> None:
+    """Call ``write(file)`` on ``.<name>.tmp<pid>``, fsync it, rename it over ``path``: a kill or a full
+    disk mid-write leaves the earlier file whole (one sentence for a failed write; no temporary is left)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        raise checkpoint_write_error(path, err, what="metrics file") from None
+        raise checkpoint_write_error(path, err, what=what) from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def write_csv_atomic(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
+    """``write_atomic`` of a CSV with these columns and rows."""
+    import csv
+
+    def write(file):
+        writer = csv.DictWriter(file, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    write_atomic(path, write, what="metrics file")
 
 
 def _step_of(row: dict) -> float | None:
