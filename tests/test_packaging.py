@@ -138,30 +138,11 @@ def test_installed_wheel_is_the_scrimp_imported_outside_the_clone(venv):
     assert Path(conf) == venv["site"] / "scrimp" / "conf"
 
 
-def test_core_optimizers_import_and_step_without_the_heavy_extras(venv):
-    code = BLOCK.format(names=HEAVY) + textwrap.dedent("""
-        import torch
-        import scrimp, scrimp.optim, scrimp.allocators
-        from scrimp.optim import GaLoreAdamW, param_groups
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
-        opt = GaLoreAdamW(param_groups(model, rank=2, update_proj_gap=2, scale=0.25), lr=1e-2)
-        x = torch.randn(8, 16)
-        for _ in range(3):
-            model(x).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-        print(scrimp.__file__)
-        print(",".join(torch.cat([p.detach().flatten() for p in model.parameters()]).double().numpy().astype(str)))
-        """)
-    proc = _run([str(venv["python"]), "-c", code], cwd=venv["work"], env=venv["env"])
-    module_file, weights = proc.stdout.split()
-    assert Path(module_file).is_relative_to(venv["site"])
-    # the same steps with the clone's scrimp, in this process: the wheel ships the same optimizer
+# Three GaLore steps on a tiny model; leaves the flat weights in `weights`. Run by the wheel's scrimp in
+# the fresh venv and by the clone's here: the two must agree bit for bit.
+THREE_GALORE_STEPS = textwrap.dedent("""
     import torch
-
     from scrimp.optim import GaLoreAdamW, param_groups
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
     opt = GaLoreAdamW(param_groups(model, rank=2, update_proj_gap=2, scale=0.25), lr=1e-2)
@@ -170,8 +151,22 @@ def test_core_optimizers_import_and_step_without_the_heavy_extras(venv):
         model(x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-    expected = torch.cat([p.detach().flatten() for p in model.parameters()]).double().tolist()
-    assert [float(w) for w in weights.split(",")] == expected
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()]).double().tolist()
+    """)
+
+
+def test_core_optimizers_import_and_step_without_the_heavy_extras(venv):
+    code = BLOCK.format(names=HEAVY) + THREE_GALORE_STEPS + textwrap.dedent("""
+        import scrimp, scrimp.allocators
+        print(scrimp.__file__)
+        print(",".join(repr(w) for w in weights))
+        """)
+    proc = _run([str(venv["python"]), "-c", code], cwd=venv["work"], env=venv["env"])
+    module_file, weights = proc.stdout.split()
+    assert Path(module_file).is_relative_to(venv["site"])
+    clone: dict = {}
+    exec(THREE_GALORE_STEPS, clone)  # the same steps with the clone's scrimp, in this process
+    assert [float(w) for w in weights.split(",")] == clone["weights"]
 
 
 def test_scrimp_train_runs_from_the_wheel_in_any_folder(venv):

@@ -107,6 +107,22 @@ def _check_pilot(pilot: int, ids: Sequence[str], budget: int) -> None:
         )
 
 
+def _draw_pilots(generator: Generator, ids: Sequence[str], budget: int, pilot: int, k_max: int | None,
+                 finite_cap_for: str | None) -> tuple[np.ndarray, list[list[Sample]], int]:
+    """The start of a round-based policy: each prompt's cap, its pilot samples, and the pool left.
+
+    ``finite_cap_for`` names the rule that needs a finite cap per prompt (the Dirichlet horizon), if any.
+    """
+    _check_pilot(pilot, ids, budget)
+    cap = _capacity(generator, ids, k_max)
+    if finite_cap_for and int(cap.max()) > MAX_DIRICHLET_HORIZON:
+        raise ValueError(f"{finite_cap_for} needs a finite cap per prompt (k_max <= {MAX_DIRICHLET_HORIZON}), "
+                         f"got k_max={k_max!r} with a generator that does not bound the samples")
+    held: list[list[Sample]] = [[] for _ in ids]
+    _draw(generator, ids, np.minimum(np.full(len(ids), pilot), cap), held)
+    return cap, held, budget - sum(len(h) for h in held)
+
+
 def _select(samples: list[Sample], utility: str, rng: np.random.Generator) -> str | None:
     """Final answer: plurality vote, or (coverage) a sample a perfect verifier accepts when any does."""
     if utility == "coverage":
@@ -331,14 +347,8 @@ def sequential(generator: Generator, ids: Sequence[str], budget: int, *, rng: np
     ``stopping.cap_majority_probability``, with the prompt's cap as horizon; it also ranks the prompts
     under ``priority="confidence"``).
     """
-    _check_pilot(pilot, ids, budget)
-    cap = _capacity(generator, ids, k_max)
-    if rule == "dirichlet" and int(cap.max()) > MAX_DIRICHLET_HORIZON:
-        raise ValueError(f"rule='dirichlet' needs a finite cap per prompt (k_max <= {MAX_DIRICHLET_HORIZON}), "
-                         f"got k_max={k_max!r} with a generator that does not bound the samples")
-    held: list[list[Sample]] = [[] for _ in ids]
-    _draw(generator, ids, np.minimum(np.full(len(ids), pilot), cap), held)
-    pool = budget - sum(len(h) for h in held)
+    cap, held, pool = _draw_pilots(generator, ids, budget, pilot, k_max,
+                                   "rule='dirichlet'" if rule == "dirichlet" else None)
     stopped = np.zeros(len(ids), dtype=bool)
     rounds = 0
     while pool > 0:
@@ -671,17 +681,11 @@ def stop_reallocate(generator: Generator, ids: Sequence[str], budget: int, *, rn
     solution of the round's knapsack. Whatever a stopped prompt does not spend stays in the pool.
     """
     pilot = 1 if utility == "coverage" else pilot
-    _check_pilot(pilot, ids, budget)
-    cap = _capacity(generator, ids, k_max)
-    if utility == "majority" and int(cap.max()) > MAX_DIRICHLET_HORIZON:
-        raise ValueError(f"stop_reallocate needs a finite cap per prompt (k_max <= {MAX_DIRICHLET_HORIZON}), "
-                         f"got k_max={k_max!r} with a generator that does not bound the samples")
-    held: list[list[Sample]] = [[] for _ in ids]
+    cap, held, pool = _draw_pilots(generator, ids, budget, pilot, k_max,
+                                   "stop_reallocate" if utility == "majority" else None)
     tallies = [_Tally() for _ in ids]
-    _draw(generator, ids, np.minimum(np.full(len(ids), pilot), cap), held)
     for t, h in zip(tallies, held):
         t.add(h)
-    pool = budget - sum(len(h) for h in held)
     open_ = np.arange(len(ids))
     why: Counter = Counter()
     rounds = 0
