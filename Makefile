@@ -1,4 +1,4 @@
-# The README's commands. `make test` and `make demo` do all the set-up on a fresh machine.
+# The commands of README.md and docs/index.md. `make test` and `make demo` do all the set-up on a fresh machine.
 # Override the torch requirement for a GPU machine: `make test TORCH=torch` (pulls a CUDA build).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.scrimp-installed
 
-.PHONY: install test test-all lint demo bench clean
+.PHONY: install test test-all lint demo bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m experiments.train
 
+# The documentation site into site/ (mkdocs.yml; strict: a broken link or reference fails the build).
+# tests/test_docs.py runs the same build inside `make test`.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 # GPU-only benchmarks (kernels, streamed zeroth-order) run only where CUDA is present.
 bench: $(STAMP)
 	@cuda=$$($(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))"); \
@@ -41,4 +46,4 @@ bench: $(STAMP)
 	done
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun .pytest_cache site

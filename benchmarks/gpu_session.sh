@@ -47,7 +47,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, print 
   tail -n "${TAIL_LINES:-25}" "$out/$name.log"
 }
 
-# The fused-kernel benchmark first: its table is what the README reports. --budget-s stops starting
+# The fused-kernel benchmark first: its table is what docs/kernels.md reports. --budget-s stops starting
 # new cases early enough that the table is printed before the limit.
 TAIL_LINES=40 step kernels "${BENCH_LIMIT:-260}" "$py" benchmarks/kernels.py \
   --budget-s "${BENCH_BUDGET:-200}" --json "$out/kernels_bench.json"

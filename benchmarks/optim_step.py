@@ -10,8 +10,10 @@ only the optimizer step is timed.
 
 Side by side in one run: torch AdamW (foreach and fused), bitsandbytes AdamW8bit,
 galore_torch.GaLoreAdamW, scrimp GaLoreAdamW (stagger on, stagger on with the ``gram`` projector,
-and stagger off), GaLoreAdamW8bit and
-FrugalAdamW (RandK with as many state entries as rank r, signSGD residual). Per optimizer: state
+and stagger off), GaLoreAdamW8bit,
+FrugalAdamW (RandK with as many state entries as rank r, signSGD residual), FrugalLion and FrugalSGD (the same
+subspace with Lion / SGD-momentum as the state-full rule), ApolloAdamW (rank r), ApolloMiniAdamW (rank 1) and
+NaturalGaLoreAdamW (rank r, a history of 20 projected gradients). Per optimizer: state
 bytes, the projected matrices' state relative to AdamW's, the median step over non-refresh
 steps, the slowest step after the first (refresh steps included), and the first step (state
 allocation + every projector), as a markdown table.
@@ -44,7 +46,16 @@ from dataclasses import dataclass
 import torch
 from rich.progress import Progress
 
-from scrimp.optim import FrugalAdamW, GaLoreAdamW, GaLoreAdamW8bit
+from scrimp.optim import (
+    ApolloAdamW,
+    ApolloMiniAdamW,
+    FrugalAdamW,
+    FrugalLion,
+    FrugalSGD,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    NaturalGaLoreAdamW,
+)
 from scrimp.optim.memory import state_bytes
 
 SIZES = {  # d_model, layers, ffn, vocab, rank
@@ -203,7 +214,7 @@ def optimizers(rank: int, gap: int):
          lambda a, b: GaLoreAdamW(groups(a, b, **galore_group), lr=1e-3, projector="gram"), our_refresh_steps),
         ("scrimp GaLoreAdamW (stagger=False)", False,
          lambda a, b: GaLoreAdamW(groups(a, b, **galore_group), lr=1e-3, stagger=False), our_refresh_steps),
-        # weight_decay=0 as every other row (and as the README's tables were measured): these two
+        # weight_decay=0 as every other row (and as the tables in docs/optimizers.md were measured): these two
         # classes now default to their originals' 0.01.
         ("scrimp GaLoreAdamW8bit", True,
          lambda a, b: GaLoreAdamW8bit(groups(a, b, **galore_group), lr=1e-3, weight_decay=0.0), our_refresh_steps),
@@ -211,6 +222,19 @@ def optimizers(rank: int, gap: int):
          lambda a, b: FrugalAdamW(groups(a, b, rank=rank), lr=1e-3, weight_decay=0.0, update_gap=gap,
                                   proj_type="randk"),
          our_refresh_steps),
+        # The compositions of issue 14, at the same rank and shapes (APOLLO-Mini at its own rank 1).
+        ("scrimp FrugalLion (randk)", False,
+         lambda a, b: FrugalLion(groups(a, b, rank=rank), lr=1e-4, update_gap=gap, proj_type="randk"),
+         our_refresh_steps),
+        ("scrimp FrugalSGD (randk)", False,
+         lambda a, b: FrugalSGD(groups(a, b, rank=rank), lr=1e-3, update_gap=gap, proj_type="randk"),
+         our_refresh_steps),
+        ("scrimp ApolloAdamW", False,
+         lambda a, b: ApolloAdamW(groups(a, b, rank=rank, update_proj_gap=gap), lr=1e-3), our_refresh_steps),
+        ("scrimp ApolloMiniAdamW (rank 1)", False,
+         lambda a, b: ApolloMiniAdamW(groups(a, b, rank=1, update_proj_gap=gap), lr=1e-3), our_refresh_steps),
+        ("scrimp NaturalGaLoreAdamW (history 20)", False,
+         lambda a, b: NaturalGaLoreAdamW(groups(a, b, **galore_group), lr=1e-3), our_refresh_steps),
     ]
     return table
 

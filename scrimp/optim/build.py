@@ -3,9 +3,9 @@
     from scrimp.optim import build
     opt = build({"name": "galore", "lr": 1e-2, "rank": 128, "update_proj_gap": 200, "scale": 0.25}, model)
 
-Names: adamw (torch.optim.AdamW), adamw8bit (bitsandbytes AdamW8bit), galore, galore8bit, frugal
-(scrimp), zo_sgd / zo_adam (``scrimp.optim.zeroth_order``, resolved lazily). ``target_modules``
-("all-linear" or regexes) picks the projected weights; ``layerwise=True`` wraps the optimizer in
+Names: adamw (torch.optim.AdamW), adamw8bit (bitsandbytes AdamW8bit), galore, galore8bit, frugal,
+frugal_lion, frugal_sgd, apollo, apollo_mini, natural_galore (scrimp), zo_sgd / zo_adam
+(``scrimp.optim.zeroth_order``, resolved lazily). ``target_modules`` ("all-linear" or regexes) picks the projected weights; ``layerwise=True`` wraps the optimizer in
 ``scrimp.optim.layerwise`` with ``accumulate`` micro-batches. Keys set to None count as absent.
 """
 
@@ -28,13 +28,25 @@ GALORE_KEYS = ("target_modules", "eps_style")
 FRUGAL_GROUP_KEYS = ("density", "rank")
 FRUGAL_KEYS = ("update_gap", "proj_type", "inactive_update_rule", "inactive_lr_scale", "proj_params_lr_scale",
                "reset_statistics", "proj_side", "block_order", "stagger", "seed", "eps_style")
+# apollo-torch's Adam adds eps to sqrt(v) (HF style) only, so there is no eps_style.
+APOLLO_KEYS = ("rank", "update_proj_gap", "scale", "scale_type", "proj", "proj_type", "norm_growth_limit", "seed",
+               "target_modules")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "adamw": COMMON_KEYS + ("fused", "foreach", "amsgrad"),
     "adamw8bit": COMMON_KEYS,
     "galore": COMMON_KEYS + GALORE_GROUP_KEYS + GALORE_KEYS + ("fused",),
     "galore8bit": COMMON_KEYS + GALORE_GROUP_KEYS + GALORE_KEYS,
     "frugal": COMMON_KEYS + FRUGAL_GROUP_KEYS + FRUGAL_KEYS + ("target_modules", "fused"),
+    "frugal_lion": COMMON_KEYS + FRUGAL_GROUP_KEYS + FRUGAL_KEYS + ("target_modules",),
+    "frugal_sgd": COMMON_KEYS + FRUGAL_GROUP_KEYS + FRUGAL_KEYS + ("target_modules", "momentum", "dampening",
+                                                                    "nesterov", "sign_update"),
+    "natural_galore": COMMON_KEYS + GALORE_GROUP_KEYS + GALORE_KEYS + ("natural_history", "natural_damping"),
+    "apollo": COMMON_KEYS + APOLLO_KEYS,
+    "apollo_mini": COMMON_KEYS + APOLLO_KEYS,
 }
+# name -> (module:class, the group's default rank): APOLLO's README rank for 1B/7B models; APOLLO-Mini is rank 1.
+APOLLO_CLASSES = {"apollo": ("scrimp.optim.apollo:ApolloAdamW", 256),
+                  "apollo_mini": ("scrimp.optim.apollo:ApolloMiniAdamW", 1)}
 ZEROTH_ORDER = {"zo_sgd": "scrimp.optim.zeroth_order:ZOSGD", "zo_adam": "scrimp.optim.zeroth_order:ZOAdam"}
 # MeZO's zo_update (Malladi et al., 2023, large_models/trainer.py) decays no parameter whose name holds these.
 MEZO_NO_DECAY = ("bias", "layer_norm", "layernorm")
@@ -122,19 +134,25 @@ def _groups_and_factory(name: str, cfg: dict, model: nn.Module):
 
         return [{"params": [p for p in model.parameters() if p.requires_grad]}], \
             lambda groups: bnb.optim.AdamW8bit(groups, **cfg)
-    if name in ("galore", "galore8bit"):
+    if name in ("galore", "galore8bit", "natural_galore"):
         from .galore import GaLoreAdamW, GaLoreAdamW8bit
+        from .natural_galore import NaturalGaLoreAdamW
 
         group_kwargs = {k: cfg.pop(k) for k in GALORE_GROUP_KEYS if k in cfg}
         group_kwargs.setdefault("rank", 128)
         group_kwargs.setdefault("update_proj_gap", 200)
         group_kwargs.setdefault("scale", 0.25)
         group_kwargs.setdefault("proj_type", "std")
-        cls = GaLoreAdamW if name == "galore" else GaLoreAdamW8bit
+        cls = {"galore": GaLoreAdamW, "galore8bit": GaLoreAdamW8bit, "natural_galore": NaturalGaLoreAdamW}[name]
         return param_groups(model, target, **group_kwargs), lambda groups: cls(groups, **cfg)
-    from .frugal import FrugalAdamW
+    if name in APOLLO_CLASSES:
+        spec, default_rank = APOLLO_CLASSES[name]
+        cls = resolve(spec)
+        return param_groups(model, target, rank=cfg.pop("rank", default_rank)), lambda groups: cls(groups, **cfg)
+    from .frugal import FrugalAdamW, FrugalLion, FrugalSGD
 
+    cls = {"frugal": FrugalAdamW, "frugal_lion": FrugalLion, "frugal_sgd": FrugalSGD}[name]
     group_kwargs = {k: cfg.pop(k) for k in FRUGAL_GROUP_KEYS if k in cfg}
     if not group_kwargs:
         group_kwargs["density"] = 0.25
-    return param_groups(model, target, **group_kwargs), lambda groups: FrugalAdamW(groups, **cfg)
+    return param_groups(model, target, **group_kwargs), lambda groups: cls(groups, **cfg)

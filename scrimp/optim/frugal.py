@@ -9,7 +9,7 @@ names and are translated to the engine's group keys:
     proj_type               -> projector (svd/random/randperm/randk/blocks; FRUGAL's coordinate
                                ``columns``/``rows`` are a random subset of columns/rows drawn at each
                                refresh, i.e. the engine's ``randperm`` on the right/left side)
-    inactive_update_rule    -> residual (sign_sgd/sgd/no)
+    inactive_update_rule    -> residual (sign_sgd/sgd/no, or any registered residual rule)
     proj_params_lr_scale    -> scale, and a factor of the state-free lr too
     inactive_lr_scale       -> residual_lr_scale = inactive_lr_scale * proj_params_lr_scale
     reset_statistics        -> reset the moments at each subspace change
@@ -35,10 +35,22 @@ from typing import Any
 
 from scrimp.checks import check_number
 
-from .subspace import PROJECTION_DEFAULTS, SubspaceAdamW, validate_group
+from .rules import INNER_RULES, RESIDUAL_RULES
+from .subspace import PROJECTION_DEFAULTS, SubspaceAdamW, rule_group_defaults, validate_group
 
 FRUGAL_PROJ_TYPES = ("svd", "random", "randperm", "randk", "rows", "columns", "blocks")
-INACTIVE_RULES = {"sign_sgd": "sign_sgd", "sgd": "sgd", "no": None}
+INACTIVE_RULES = {"sign_sgd": "sign_sgd", "sgd": "sgd", "no": None}  # FRUGAL's names; any registered rule too
+
+
+def inactive_rule(name: str) -> str | None:
+    """The engine's residual rule for FRUGAL's ``inactive_update_rule``: FRUGAL's names ("no": none) or the
+    name of any registered residual rule (``scrimp.optim.rules.registry.register_residual``)."""
+    if name in INACTIVE_RULES:
+        return INACTIVE_RULES[name]
+    if isinstance(name, str) and name in RESIDUAL_RULES:
+        return name
+    raise ValueError(f"inactive_update_rule must be one of {tuple(INACTIVE_RULES)} or a registered residual rule "
+                     f"{tuple(sorted(set(RESIDUAL_RULES) - set(INACTIVE_RULES)))}, got {name!r}")
 _RENAMES = {
     "update_gap": "update_proj_gap",
     "inactive_lr_scale": "residual_lr_scale",
@@ -69,10 +81,7 @@ def frugal_group(group: dict, defaults: dict[str, Any]) -> dict:
         raise ValueError(f"proj_type must be one of {FRUGAL_PROJ_TYPES}, got {proj_type!r}")
     for name in ("inactive_lr_scale", "proj_params_lr_scale"):
         check_number(name, merged[name], low=0)
-    rule = merged.pop("inactive_update_rule")
-    if rule not in INACTIVE_RULES:
-        raise ValueError(f"inactive_update_rule must be one of {tuple(INACTIVE_RULES)}, got {rule!r}")
-    merged["residual"] = INACTIVE_RULES[rule]
+    merged["residual"] = inactive_rule(merged.pop("inactive_update_rule"))
     side = merged.pop("proj_side")
     merged["projector"], merged["proj_type"] = (
         ("randperm", _COORDINATE_SIDES[proj_type]) if proj_type in _COORDINATE_SIDES else (proj_type, side))
@@ -85,6 +94,16 @@ def frugal_group(group: dict, defaults: dict[str, Any]) -> dict:
     return merged
 
 
+def check_inner_settings(inner: str, settings: dict[str, Any]) -> None:
+    """Refuse, in one sentence, an unknown state-full rule or a setting it does not take."""
+    if inner not in INNER_RULES:
+        raise ValueError(f"inner must be one of {tuple(sorted(INNER_RULES))}, got {inner!r}")
+    unknown = sorted(set(settings) - set(rule_group_defaults(INNER_RULES[inner])))
+    if unknown:
+        raise ValueError(f"FRUGAL with inner={inner!r} does not take {unknown}; its rule's settings are "
+                         f"{sorted(rule_group_defaults(INNER_RULES[inner]))}")
+
+
 class FrugalAdamW(SubspaceAdamW):
     """FRUGAL with AdamW as the state-full optimizer and signSGD/SGD for the state-free residual.
 
@@ -95,7 +114,10 @@ class FrugalAdamW(SubspaceAdamW):
     parameters for blocks) that keep Adam state; ``density=1`` is AdamW. ``rank`` gives the size directly;
     ``rank=0`` keeps no state (pure signSGD/SGD on the group). ``proj_side`` is GaLore's side
     rule (std/reverse_std/left/right) for svd/random/randperm. ``check_finite`` (default True):
-    ``step()`` raises before any change when a gradient holds inf or NaN.
+    ``step()`` raises before any change when a gradient holds inf or NaN. ``inner`` names the state-full
+    rule of the projected part ("adam" by default; ``FrugalLion`` and ``FrugalSGD`` set "lion" and "sgd"),
+    and ``inner_settings`` are that rule's own keys (``momentum`` for "sgd", ...). Plain groups (norms,
+    embeddings) keep AdamW whatever ``inner`` says; FRUGAL's code runs its Lion/SGD on them too.
     """
 
     # FRUGAL's names of the engine keys, for the sentences of load_state_dict.
@@ -125,8 +147,11 @@ class FrugalAdamW(SubspaceAdamW):
         eps_style: str = "torch",
         fused: bool | None = None,
         check_finite: bool = True,
+        inner: str = "adam",
+        **inner_settings: Any,
     ):
-        defaults = dict(
+        check_inner_settings(inner, inner_settings)
+        defaults = dict(inner=inner, **inner_settings,
             density=None if rank is not None else density, rank=rank, update_gap=update_gap, proj_type=proj_type,
             inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
             proj_params_lr_scale=proj_params_lr_scale, reset_statistics=reset_statistics, proj_side=proj_side,
@@ -147,3 +172,22 @@ class FrugalAdamW(SubspaceAdamW):
                                   {"params": [p for p in params if p.dim() != 2]}) if g["params"]]
         super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_style=eps_style,
                          fused=fused, allow_empty_subspace=True, check_finite=check_finite)
+
+
+class FrugalLion(FrugalAdamW):
+    """FRUGAL with Lion (Chen et al., 2023, arXiv:2302.06675) as the state-full rule of the projected part:
+    ``sign(b1 m + (1 - b1) R)``, one momentum m in the subspace, no bias correction (``rules.lion``), as the
+    authors' ``frugal/lion.py``. Defaults are theirs: lr 1e-4, betas (0.9, 0.99), no weight decay."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 eps: float = 1e-8, weight_decay: float = 0.0, **kwargs: Any):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, inner="lion", **kwargs)
+
+
+class FrugalSGD(FrugalAdamW):
+    """FRUGAL with SGD with momentum as the state-full rule of the projected part (``rules.sgd``), as the
+    authors' ``frugal/sgd.py``: ``momentum`` 0.9 (0 keeps no state), ``dampening``, ``nesterov``,
+    ``sign_update``. Defaults: lr 1e-3, no weight decay."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.0, **kwargs: Any):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, inner="sgd", **kwargs)

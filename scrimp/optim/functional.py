@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 SIDES = ("left", "right")
-RESIDUAL_RULES = (None, "sign_sgd", "sgd", "scaled")
 
 
 EPS_STYLES = ("hf", "torch")
@@ -115,6 +114,11 @@ def subspace_residual(G: Tensor, P: Tensor, side: str, R: Tensor | None = None) 
     return torch.addmm(G, R, P.t(), alpha=-1.0)
 
 
+def basis_overlap(P_new: Tensor, P_old: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``P_new^T P_old`` (r x r) in ``dtype``: how the old subspace's directions read in the new basis."""
+    return P_new.t().to(dtype) @ P_old.to(dtype)
+
+
 def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, P_new: Tensor, P_old: Tensor, side: str) -> None:
     """Carry Adam's moments from the subspace of ``P_old`` into that of ``P_new``, in place.
 
@@ -127,7 +131,11 @@ def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, P_new: Tensor, P_old: T
     to a permutation (and signs). Directions new to the subspace start from the part of the old
     moments they overlap, and from 0 where they overlap nothing, as a reset would.
     """
-    overlap = P_new.t().to(exp_avg.dtype) @ P_old.to(exp_avg.dtype)
+    rotate_moments_by_overlap_(exp_avg, exp_avg_sq, basis_overlap(P_new, P_old, exp_avg.dtype), side)
+
+
+def rotate_moments_by_overlap_(exp_avg: Tensor, exp_avg_sq: Tensor, overlap: Tensor, side: str) -> None:
+    """``rotate_moments_`` given the overlap ``O = P_new^T P_old``: m through O, v through O * O."""
     squared = overlap * overlap
     if side == "left":  # moments are (r, n): coordinates along rows
         exp_avg.copy_(overlap @ exp_avg)
@@ -147,27 +155,35 @@ def norm_ratio(direction: Tensor, low_rank_grad: Tensor) -> Tensor:
     return torch.where(g_norm > 0, ratio, torch.zeros_like(ratio))
 
 
+def residual_rule(name: str, what: str = "residual"):
+    """The registered residual rule called ``name`` (``scrimp.optim.rules.registry``); else one ValueError
+    that calls the argument ``what``."""
+    from .rules.registry import RESIDUAL_RULES  # here, not at the top: the rules' modules import this one
+
+    rule = RESIDUAL_RULES.get(name)
+    if rule is None:
+        raise ValueError(f"{what} must be one of {(None, *sorted(RESIDUAL_RULES))}, got {name!r}")
+    return rule
+
+
+def step_hyper(hp, kwargs: dict):
+    """The ``StepHyper`` of a call that passed ``hp`` and/or the older keyword arguments (``StepHyper.of``)."""
+    from .rules.base import StepHyper  # here, not at the top: the rules' modules import this one
+
+    return StepHyper.of(hp, kwargs)
+
+
 def residual_update(
     res: Tensor, rule: str | None, *, low_rank_grad: Tensor | None = None, direction: Tensor | None = None
 ) -> Tensor | None:
-    """The state-free update direction for the residual ``res`` under ``rule`` (None: no update).
+    """The state-free update direction for the residual ``res`` under the registered ``rule`` (None: no update).
 
-    "sign_sgd" and "sgd" follow FRUGAL; "scaled" multiplies the residual by the norm ratio
-    ``||N|| / ||R||`` of the Adam direction to the raw low-rank gradient, the idea of Fira
-    (Chen et al., 2024, arXiv:2410.01623) and APOLLO (Zhu et al., 2024): the residual inherits the
-    adaptive step size that Adam chose in the subspace. Clean-room, per-matrix norms.
+    The rules live in ``scrimp.optim.rules.residual`` ("sign_sgd" and "sgd" of FRUGAL, the norm-ratio
+    "scaled" of Fira/APOLLO) or wherever a new one registers itself.
     """
     if rule is None:
         return None
-    if rule == "sign_sgd":
-        return torch.sign(res)
-    if rule == "sgd":
-        return res
-    if rule == "scaled":
-        if low_rank_grad is None or direction is None:
-            raise ValueError("residual rule 'scaled' needs low_rank_grad and direction")
-        return res * norm_ratio(direction, low_rank_grad)
-    raise ValueError(f"residual rule must be one of {RESIDUAL_RULES}, got {rule!r}")
+    return residual_rule(rule, "residual rule").update(res, low_rank_grad, direction)
 
 
 def update_dtype(W: Tensor) -> torch.dtype:
@@ -207,154 +223,122 @@ def decay_(W: Tensor, *, lr: float, weight_decay: float) -> None:
         W.mul_(1.0 - lr * weight_decay)
 
 
-def low_rank_adam_(
-    W: Tensor,
-    R: Tensor,
-    P: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    scale: float,
-    side: str,
-) -> Tensor:
-    """Adam on low-rank coordinates ``R`` (already projected), decay, back-projection into ``W``; returns N.
+def back_project_add_(W: Tensor, N: Tensor, P: Tensor, side: str, alpha: float) -> None:
+    """``W += alpha * back_project(N, P)``, without a full-size temporary where W has P's dtype (addmm_)."""
+    work = P.dtype
+    if W.dtype != work:
+        apply_update_(W, back_project(N.to(work), P, side), alpha)
+    elif side == "left":
+        W.addmm_(P, N.to(work), alpha=alpha)
+    else:
+        W.addmm_(N.to(work), P.t(), alpha=alpha)
 
-    The shared core of ``projected_adam_step_torch`` and of layer-wise accumulation, which sums
-    projected gradients ``R`` over micro-batches (P is fixed inside an accumulation window).
-    """
-    if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    N = adam_direction_(R, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps)
+
+def write_dense_step_(W: Tensor, N: Tensor, P: Tensor, hp, residual: Tensor | None = None) -> None:
+    """``W <- W (1 - lr wd) - lr scale P N (or N P^T) - lr residual_lr_scale residual``, rounded to W's dtype once."""
+    with working_copy(W) as Wk:
+        decay_(Wk, lr=hp.lr, weight_decay=hp.weight_decay)
+        back_project_add_(Wk, N, P, hp.side, -hp.lr * hp.scale)
+        if residual is not None:
+            apply_update_(Wk, residual, -hp.lr * hp.residual_lr_scale)
+
+
+def write_full_step_(W: Tensor, U: Tensor, hp, residual: Tensor | None = None) -> None:
+    """``W <- W (1 - lr wd) - lr scale U - lr residual_lr_scale residual`` for a full-size update U."""
+    with working_copy(W) as Wk:
+        decay_(Wk, lr=hp.lr, weight_decay=hp.weight_decay)
+        apply_update_(Wk, U, -hp.lr * hp.scale)
+        if residual is not None:
+            apply_update_(Wk, residual, -hp.lr * hp.residual_lr_scale)
+
+
+def coordinate_view(T: Tensor, dim: int | None) -> tuple[Tensor, int]:
+    """``T`` as the selection sees it (flat for ``dim=None``) and the dimension the index runs along."""
+    return (T.view(-1), 0) if dim is None else (T, dim)
+
+
+def select_coordinates(G: Tensor, index: Tensor, dim: int | None) -> Tensor:
+    """The selected rows (dim 0), columns (dim 1) or flat entries (None) of G: R for a coordinate projector."""
+    G_v, d = coordinate_view(G.reshape(-1) if dim is None else G, dim)
+    return G_v.index_select(d, index)
+
+
+def coordinate_residual(G: Tensor, index: Tensor, dim: int | None, dtype: torch.dtype) -> Tensor:
+    """G with the selected coordinates zeroed (in ``dtype``, shaped as the selection sees G)."""
+    G_v, d = coordinate_view(G.reshape(-1) if dim is None else G, dim)
+    return G_v.to(dtype).index_fill(d, index.long(), 0.0)
+
+
+def write_coordinate_step_(W: Tensor, N: Tensor, index: Tensor, dim: int | None, hp,
+                           residual: Tensor | None = None) -> None:
+    """``W <- W (1 - lr wd) - lr residual_lr_scale residual``, then ``- lr scale N`` at the selected coordinates."""
+    if hp.weight_decay == 0.0 and residual is None and W.dtype != N.dtype:
+        # Only the selected coordinates change: round just those, not a full-size copy of W.
+        W_v, d = coordinate_view(W, dim)
+        rows = W_v.index_select(d, index).to(update_dtype(W)).add_(N, alpha=-hp.lr * hp.scale)
+        W_v.index_copy_(d, index.long(), rows.to(W.dtype))  # index_copy_ needs int64; projectors keep int32
+        return
+    with working_copy(W) as Wk:
+        W_v, d = coordinate_view(Wk, dim)
+        decay_(Wk, lr=hp.lr, weight_decay=hp.weight_decay)
+        if residual is not None:
+            apply_update_(W_v, residual, -hp.lr * hp.residual_lr_scale)
+        W_v.index_add_(d, index, N if W_v.dtype == N.dtype else N.to(W_v.dtype), alpha=-hp.lr * hp.scale)
+
+
+def write_residual_only_(W: Tensor, update: Tensor | None, *, lr: float, weight_decay: float,
+                         residual_lr_scale: float) -> None:
+    """``W <- W (1 - lr wd) - lr residual_lr_scale update``: a parameter with no active subspace."""
+    if update is None and weight_decay == 0.0:
+        return
     with working_copy(W) as Wk:
         decay_(Wk, lr=lr, weight_decay=weight_decay)
-        work = P.dtype
-        if Wk.dtype == work:
-            # addmm_ writes into W without a full-size temporary for the update.
-            if side == "left":
-                Wk.addmm_(P, N.to(work), alpha=-lr * scale)
-            else:
-                Wk.addmm_(N.to(work), P.t(), alpha=-lr * scale)
-        else:
-            apply_update_(Wk, back_project(N.to(work), P, side), -lr * scale)
-    return N
-
-
-def projected_adam_step_torch(
-    W: Tensor,
-    G: Tensor,
-    P: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    scale: float,
-    side: str,
-    residual: str | None = None,
-    residual_lr_scale: float = 1.0,
-) -> None:
-    """One GaLore/FRUGAL step for a 2-D weight with a dense projector, in place on ``W`` and the moments.
-
-    side "left": P (m, r), R = P^T G, moments (r, n), U = P N. side "right": P (n, r), R = G P,
-    moments (m, r), U = N P^T. Then ``W <- W (1 - lr wd) - lr scale U`` and, for a residual rule,
-    ``W <- W - lr residual_lr_scale rule(G - back(R))``. Math in fp32 when W is bf16/fp16.
-    This is the torch reference that ``scrimp.optim.kernels.projected_adam_step`` must match.
-    """
-    if residual not in RESIDUAL_RULES:
-        raise ValueError(f"residual must be one of {RESIDUAL_RULES}, got {residual!r}")
-    G_w = G if G.dtype == P.dtype else G.to(P.dtype)
-    R = project(G_w, P, side)
-    with working_copy(W) as Wk:
-        N = low_rank_adam_(Wk, R, P, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                           weight_decay=weight_decay, scale=scale, side=side)
-        if residual is not None:
-            res = subspace_residual(G_w, P, side, R=R)
-            update = residual_update(res, residual, low_rank_grad=R, direction=N)
+        if update is not None:
             apply_update_(Wk, update, -lr * residual_lr_scale)
 
 
-def coordinate_adam_step_torch(
-    W: Tensor,
-    G: Tensor | None,
-    index: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    *,
-    dim: int | None,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    scale: float,
-    residual: str | None = None,
-    residual_lr_scale: float = 1.0,
-    R: Tensor | None = None,
-) -> None:
+def adam_direction_hp_(R: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hp) -> Tensor:
+    """``adam_direction_`` with the numbers of a ``StepHyper``."""
+    return adam_direction_(R, exp_avg, exp_avg_sq, step=hp.step, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps)
+
+
+def projected_adam_step_torch(W: Tensor, G: Tensor, P: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hp=None,
+                              **kwargs) -> None:
+    """One GaLore/FRUGAL step for a 2-D weight with a dense projector, in place on ``W`` and the moments.
+
+    ``hp`` is a ``rules.base.StepHyper`` (or its fields as keywords: step, lr, beta1, beta2, eps,
+    weight_decay, scale, side, residual, residual_lr_scale). side "left": P (m, r), R = P^T G,
+    moments (r, n), U = P N. side "right": P (n, r), R = G P, moments (m, r), U = N P^T. Then
+    ``W <- W (1 - lr wd) - lr scale U`` and, for a residual rule, ``W <- W - lr residual_lr_scale
+    rule(G - back(R))``. Math in fp32 when W is bf16/fp16. This is the torch reference that
+    ``scrimp.optim.kernels.projected_adam_step`` must match.
+    """
+    hp = step_hyper(hp, kwargs)
+    rule = None if hp.residual is None else residual_rule(hp.residual)
+    G_w = G if G.dtype == P.dtype else G.to(P.dtype)
+    R = project(G_w, P, hp.side)
+    N = adam_direction_hp_(R, exp_avg, exp_avg_sq, hp)
+    update = None if rule is None else rule.update(subspace_residual(G_w, P, hp.side, R=R), R, N)
+    write_dense_step_(W, N, P, hp, update)
+
+
+def coordinate_adam_step_torch(W: Tensor, G: Tensor | None, index: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                               hp=None, *, dim: int | None, R: Tensor | None = None, **kwargs) -> None:
     """The projected step when the projector selects coordinates (FRUGAL's RandK / rows / columns).
 
     ``dim=0``: rows ``index`` of G are the subspace (moments (r, n)); ``dim=1``: columns (moments
     (m, r)); ``dim=None``: flat entries (moments (k,)). The selection matrix is orthonormal, so this
     equals ``projected_adam_step_torch`` with the corresponding 0/1 matrix, without building it.
     ``R`` (the selected coordinates, e.g. accumulated) may replace ``G`` when there is no residual.
+    ``hp`` as in ``projected_adam_step_torch`` (``side`` is unused).
     """
-    if residual not in RESIDUAL_RULES:
-        raise ValueError(f"residual must be one of {RESIDUAL_RULES}, got {residual!r}")
-    flat = dim is None
-    d = 0 if flat else dim
-    G_v = None if G is None else (G.reshape(-1) if flat else G)
-    if R is None:
-        R = G_v.index_select(d, index)
-    if R.dtype != exp_avg.dtype:
-        R = R.to(exp_avg.dtype)
-    N = adam_direction_(R, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps)
-    if weight_decay == 0.0 and residual is None and W.dtype != N.dtype:
-        # Only the selected coordinates change: round just those, not a full-size copy of W.
-        W_v = W.view(-1) if flat else W
-        rows = W_v.index_select(d, index).to(update_dtype(W)).add_(N, alpha=-lr * scale)
-        W_v.index_copy_(d, index.long(), rows.to(W.dtype))  # index_copy_ needs int64; projectors keep int32
-        return
-    with working_copy(W) as Wk:
-        W_v = Wk.view(-1) if flat else Wk
-        decay_(Wk, lr=lr, weight_decay=weight_decay)
-        if residual is not None:
-            res = G_v.to(N.dtype).index_fill(d, index.long(), 0.0)
-            update = residual_update(res, residual, low_rank_grad=R, direction=N)
-            apply_update_(W_v, update, -lr * residual_lr_scale)
-        if W_v.dtype == N.dtype:
-            W_v.index_add_(d, index, N, alpha=-lr * scale)
-        else:
-            W_v.index_add_(d, index, N.to(W_v.dtype), alpha=-lr * scale)
-
-
-def residual_only_step_torch(
-    W: Tensor, G: Tensor, *, lr: float, weight_decay: float, rule: str | None, residual_lr_scale: float = 1.0
-) -> None:
-    """The step of a parameter with no active subspace (FRUGAL's inactive blocks / density 0).
-
-    ``W <- W (1 - lr wd) - lr residual_lr_scale rule(G)`` with rule "sign_sgd" (signSGD, Bernstein
-    et al., 2018), "sgd", or None (only decay). "scaled" has no subspace to borrow a scale from
-    and acts as "sgd" here.
-    """
-    if rule not in RESIDUAL_RULES:
-        raise ValueError(f"rule must be one of {RESIDUAL_RULES}, got {rule!r}")
-    if rule is None and weight_decay == 0.0:
-        return
-    with working_copy(W) as Wk:
-        decay_(Wk, lr=lr, weight_decay=weight_decay)
-        if rule is not None:
-            apply_update_(Wk, torch.sign(G) if rule == "sign_sgd" else G, -lr * residual_lr_scale)
+    hp = step_hyper(hp, kwargs)
+    rule = None if hp.residual is None else residual_rule(hp.residual)
+    R = select_coordinates(G, index, dim) if R is None else R
+    R = R if R.dtype == exp_avg.dtype else R.to(exp_avg.dtype)
+    N = adam_direction_hp_(R, exp_avg, exp_avg_sq, hp)
+    update = None if rule is None else rule.update(coordinate_residual(G, index, dim, N.dtype), R, N)
+    write_coordinate_step_(W, N, index, dim, hp, update)
 
 
 def _step_tensor(step: int, device: torch.device) -> Tensor:
@@ -384,6 +368,22 @@ def _fused_adamw_ok(params: Sequence[Tensor], grads: Sequence[Tensor], scale: fl
     return True
 
 
+def _step_low_precision_alone(params, grads, exp_avgs, exp_avg_sqs, hyper: dict) -> tuple[list, list, list, list]:
+    """Step the parameters whose dtype differs from their moments' (bf16 weights, fp32 moments) one by one;
+    return the lists of the others."""
+    low = {i for i, p in enumerate(params) if p.dtype != exp_avgs[i].dtype}
+    h = hyper
+    for i in sorted(low):
+        N = adam_direction_(grads[i], exp_avgs[i], exp_avg_sqs[i], step=h["step"], beta1=h["beta1"],
+                            beta2=h["beta2"], eps=h["eps"])
+        with working_copy(params[i]) as W:
+            decay_(W, lr=h["lr"], weight_decay=h["weight_decay"])
+            apply_update_(W, N, -h["lr"] * h["scale"])
+    keep = [i for i in range(len(params)) if i not in low]
+    return ([params[i] for i in keep], [grads[i] for i in keep], [exp_avgs[i] for i in keep],
+            [exp_avg_sqs[i] for i in keep])
+
+
 def adam_step_foreach(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -404,22 +404,10 @@ def adam_step_foreach(
     through ``torch._fused_adamw_`` with a per-step eps that makes torch's formula equal HF's;
     otherwise foreach ops. Low-precision parameters keep fp32 moments and take the per-tensor path.
     """
+    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale)
+    params, grads, exp_avgs, exp_avg_sqs = _step_low_precision_alone(params, grads, exp_avgs, exp_avg_sqs, hyper)
     if not params:
         return
-    low = [i for i, p in enumerate(params) if p.dtype != exp_avgs[i].dtype]
-    if low:
-        for i in low:
-            N = adam_direction_(grads[i], exp_avgs[i], exp_avg_sqs[i], step=step, beta1=beta1, beta2=beta2,
-                                eps=eps)
-            with working_copy(params[i]) as W:
-                decay_(W, lr=lr, weight_decay=weight_decay)
-                apply_update_(W, N, -lr * scale)
-        keep = [i for i in range(len(params)) if i not in set(low)]
-        params, grads = [params[i] for i in keep], [grads[i] for i in keep]
-        exp_avgs, exp_avg_sqs = [exp_avgs[i] for i in keep], [exp_avg_sqs[i] for i in keep]
-        if not params:
-            return
-    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
     if _fused_adamw_ok(params, grads, scale, (exp_avgs, exp_avg_sqs)):
         # torch's one-pass AdamW kernel computes m_hat / (sqrt(v_hat) + eps'); with
         # eps' = eps / sqrt(1 - b2^t) that is exactly the HF formula above (up to rounding).

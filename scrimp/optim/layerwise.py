@@ -63,28 +63,54 @@ parameters may already hold the update.
 
 ``state_dict()`` taken inside a window holds the window's partial sums (low-rank buffers and the
 full gradients summed in ``.grad``) and its counters; ``load_state_dict`` puts them back, so a
-resume from it equals the uninterrupted run. Loaded state is checked before anything is replaced:
-its accumulate setting, parameter count and shapes, and each buffer's shape against its parameter
-(full sums) or the projector the parameter's group implies (low-rank sums); the inner optimizer's
-own ``load_state_dict`` checks its state.
+resume from it equals the uninterrupted run. The state is keyed by parameter name (``layerwise``
+takes the names from ``model.named_parameters()``), the inner optimizer's state included, so it loads
+into a model that lists its parameters in another order; a state keyed by position, as written
+before names were, is read in this wrapper's order. Loaded state is checked before anything is
+replaced: its accumulate setting, parameter count, names (missing and extra ones are named) and
+shapes, each buffer's shape against its parameter (full sums) or the projector the parameter's group
+implies (low-rank sums), and that no parameter changed group; the inner optimizer's own
+``load_state_dict`` checks its state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from .finite_guard import all_finite_exact
-from .projection import Projector, choose_side
-from .subspace import SPARSE_GRADIENTS, SubspaceAdamW, is_projected_group, resolve_rank
 
 STATE_KEYS = ("optimizer", "micro", "accumulate", "accum")
 # torch optimizers' per-parameter state tensors that have their parameter's shape (the per-parameter
 # inner optimizers of a non-engine wrapper; factored states such as Adafactor's are not listed)
 PARAM_SHAPED_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum")
+SHOWN_NAMES = 4  # how many missing or extra parameters a refusal names before counting the rest
+
+
+@runtime_checkable
+class StepsPerParameter(Protocol):
+    """An optimizer the wrapper can drive one parameter at a time (the engine, ``SubspaceAdamW``, is one).
+
+    ``step_param(p, group, grad)`` updates ``p`` alone with its gradient; with ``grad=None`` and
+    ``low_rank_grad`` it takes a sum of ``project_grad`` outputs instead, which is allowed while
+    ``accumulates_low_rank(p, group)`` holds, with the shape ``low_rank_shape(p, group)``; ``step()`` updates the parameters whose ``.grad`` is set.
+    Any other optimizer is wrapped as one instance per parameter.
+    """
+
+    param_groups: list[dict]
+
+    def accumulates_low_rank(self, p: Tensor, group: dict) -> bool: ...
+
+    def project_grad(self, p: Tensor, group: dict, grad: Tensor) -> Tensor: ...
+
+    def low_rank_shape(self, p: Tensor, group: dict) -> tuple[int, ...] | None: ...
+
+    def step_param(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None = None) -> None: ...
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any: ...
 
 
 def _loop_rule(k: int) -> str:
@@ -94,10 +120,26 @@ def _loop_rule(k: int) -> str:
     return f"with accumulate={k} call step() after every backward pass, or once after every {k} (one backward per micro-batch)"
 
 
+def _is_position(key: Any) -> bool:
+    """Whether a saved parameter key is a position (an int) rather than a name."""
+    return isinstance(key, int) and not isinstance(key, bool)
+
+
+def _shown(keys: list) -> str:
+    """Up to SHOWN_NAMES parameter keys for a sentence, then how many more."""
+    words = [k if isinstance(k, str) else f"parameter {k}" for k in keys[:SHOWN_NAMES]]
+    more = len(keys) - SHOWN_NAMES
+    return ", ".join(words) + (f" and {more} more" if more > 0 else "")
+
+
 class LayerwiseOptimizer(torch.optim.Optimizer):
-    """Wraps one optimizer (per-parameter stepping for ``SubspaceAdamW``, one optimizer per
-    parameter otherwise) and runs its updates in post-accumulate-grad hooks (see the module doc
-    for the supported loops, non-finite gradients and checkpoints).
+    """Wraps one optimizer (per-parameter stepping for one that ``StepsPerParameter`` describes, one
+    optimizer per parameter otherwise) and runs its updates in post-accumulate-grad hooks (see the
+    module doc for the supported loops, non-finite gradients and checkpoints).
+
+    ``names`` maps parameters to their names (``layerwise`` passes ``model.named_parameters()``); the
+    state dict is keyed by them, so a checkpoint loads into a model whose parameters are listed in
+    another order. A parameter without a name is keyed by its position.
 
     It is a ``torch.optim.Optimizer`` whose ``param_groups`` are the inner optimizer's own group
     dicts, so learning-rate schedulers and Lightning see and change the real hyper-parameters.
@@ -111,7 +153,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.accumulate = accumulate
         self.check_finite = check_finite
         self.optimizer = optimizer_factory(groups)
-        self._engine = isinstance(self.optimizer, SubspaceAdamW)
+        self._engine = isinstance(self.optimizer, StepsPerParameter)
         self._per_param: dict[Tensor, Any] = {}
         self._group_of: dict[Tensor, dict] = {}
         if self._engine:
@@ -127,6 +169,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._params = list(self._group_of) if self._engine else list(self._per_param)
         self._own_the_finite_check()
         self._names = names or {}
+        self._keys: list[str | int] = [self._names.get(p, i) for i, p in enumerate(self._params)]
+        self._key_of: dict[Tensor, str | int] = dict(zip(self._params, self._keys))
+        self._param_of: dict[str | int, Tensor] = dict(zip(self._keys, self._params))
         self._micro = 0  # step() calls so far in the current window (the step-every-backward loop)
         self._arrivals: dict[Tensor, int] = {}  # gradient arrivals per parameter since the last step()
         self._accum: dict[Tensor, Tensor] = {}  # low-rank sums of the current window
@@ -153,8 +198,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         sources = [self.optimizer] if self._engine else list(self._per_param.values())
         for opt in sources:
             merged.update(opt.state)
-        for i, buf in enumerate(self._accum.values()):
-            merged[("accum", i)] = {"accum_grad": buf}
+        for p, buf in self._accum.items():
+            merged[("accum", self._key_of[p])] = {"accum_grad": buf}
         return merged
 
     @state.setter
@@ -176,7 +221,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"the gradient of {self._name(p)} arrived {seen + 1} times without step(); "
                                f"{_loop_rule(self.accumulate)}")
         if self._engine and p.grad.is_sparse:
-            raise RuntimeError(SPARSE_GRADIENTS)
+            raise RuntimeError(f"{type(self.optimizer).__name__} does not support sparse gradients ({self._name(p)}, "
+                               "e.g. nn.Embedding(sparse=True)); use dense gradients or torch.optim.SparseAdam for it")
         self._arrivals[p] = seen + 1
         if self.accumulate == 1:
             self._update_now(p)
@@ -332,27 +378,32 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Inner optimizer state and the current window: its counters, low-rank sums and full-gradient
-        sums (tensors and numbers only). A state dict taken inside a window resumes exactly."""
-        index = {p: i for i, p in enumerate(self._params)}
-        inner = self.optimizer.state_dict() if self._engine else [o.state_dict() for o in self._per_param.values()]
+        sums (tensors and numbers only), keyed by parameter name (by position where unnamed).
+        ``shapes`` holds every parameter's shape in the inner optimizer's order, the order in which the
+        engine's own torch state numbers them. A state dict taken inside a window resumes exactly."""
+        key = self._key_of
+        inner = self.optimizer.state_dict() if self._engine else \
+            {key[p]: opt.state_dict() for p, opt in self._per_param.items()}
         return {
             "optimizer": inner, "micro": self._micro, "accumulate": self.accumulate,
-            "accum": {index[p]: buf.clone() for p, buf in self._accum.items()},
+            "accum": {key[p]: buf.clone() for p, buf in self._accum.items()},
             # copies: autograd adds the next micro-batch into .grad in place
-            "grads": {index[p]: p.grad.clone() for p in self._params if p.grad is not None},
-            "arrivals": {index[p]: n for p, n in self._arrivals.items()},
-            "window": sorted(index[p] for p in self._in_window),
-            "nonfinite": sorted(index[p] for p, flag in self._finite.items() if not bool(flag)),
-            "shapes": [list(p.shape) for p in self._params],
+            "grads": {key[p]: p.grad.clone() for p in self._params if p.grad is not None},
+            "arrivals": {key[p]: n for p, n in self._arrivals.items()},
+            "window": [key[p] for p in self._params if p in self._in_window],
+            "nonfinite": [key[p] for p in self._params if p in self._finite and not bool(self._finite[p])],
+            "shapes": {key[p]: list(p.shape) for p in self._params},
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict of this wrapper, checked before anything is replaced (module doc)."""
-        self._check_loadable(state_dict)
+        """Load a state dict of this wrapper, checked before anything is replaced (module doc). Its
+        parameters are matched by name; a state keyed by position (saved before states were keyed by
+        name, or by a wrapper without names) is read in this wrapper's order."""
+        state_dict = self._checked(state_dict)
         # torch's load_state_dict swaps in new group dicts; copy their values into the dicts this
         # wrapper, its hooks and any LR scheduler hold, and put those back, so there is one set.
         inner = [(self.optimizer, state_dict["optimizer"])] if self._engine else \
-            list(zip(self._per_param.values(), state_dict["optimizer"]))
+            [(opt, state_dict["optimizer"][self._key_of[p]]) for p, opt in self._per_param.items()]
         for opt, sd in inner:
             held = list(opt.param_groups)
             opt.load_state_dict(sd)
@@ -365,21 +416,34 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # Each buffer goes to its parameter's device, as torch's load_state_dict does for the inner state:
         # a checkpoint loaded to the CPU resumes on the GPU. (Lightning's own optimizer-to-device move
         # sees only the merged view of ``state``, not these.)
-        params = self._params
+        param = self._param_of
         self._drop_window()
         self._micro = state_dict["micro"]
-        self._accum = {params[i]: buf.to(params[i].device, copy=True) for i, buf in state_dict["accum"].items()}
-        for i, grad in state_dict.get("grads", {}).items():
-            params[i].grad = grad.to(device=params[i].device, dtype=params[i].dtype, copy=True)
-        self._arrivals = {params[i]: n for i, n in state_dict.get("arrivals", {}).items()}
+        self._accum = {param[k]: buf.to(param[k].device, copy=True) for k, buf in state_dict["accum"].items()}
+        for k, grad in state_dict.get("grads", {}).items():
+            param[k].grad = grad.to(device=param[k].device, dtype=param[k].dtype, copy=True)
+        self._arrivals = {param[k]: n for k, n in state_dict.get("arrivals", {}).items()}
         window = state_dict.get("window", list(state_dict["accum"]))
-        self._in_window = dict.fromkeys(params[i] for i in window)
+        self._in_window = dict.fromkeys(param[k] for k in window)
         if self.check_finite and self.accumulate > 1:
             bad = set(state_dict.get("nonfinite", []))
-            self._finite = {params[i]: torch.tensor(i not in bad, device=params[i].device) for i in window}
+            self._finite = {param[k]: torch.tensor(k not in bad, device=param[k].device) for k in window}
 
-    def _check_loadable(self, sd: Any) -> None:
-        """Every check that needs only the saved dict and this wrapper, before anything is replaced."""
+    def _checked(self, sd: Any) -> dict:
+        """Every check that needs only the saved dict and this wrapper, before anything is replaced.
+        Returns the dict keyed by this wrapper's parameter keys, the inner state in this wrapper's order."""
+        self._check_counters(sd)
+        saved_keys = self._saved_keys(sd.get("shapes"))
+        sd = {**sd, **{entry: self._rekeyed(entry, sd[entry], saved_keys)
+                       for entry in ("accum", "grads", "arrivals", "window", "nonfinite") if entry in sd}}
+        self._check_window_shapes(sd)
+        if self._engine:
+            sd["optimizer"] = self._inner_in_this_order(sd["optimizer"], saved_keys)
+        else:
+            sd["optimizer"] = self._checked_per_param_states(sd["optimizer"], saved_keys)
+        return sd
+
+    def _check_counters(self, sd: Any) -> None:
         if not isinstance(sd, dict) or set(STATE_KEYS) - set(sd):
             missing = sorted(set(STATE_KEYS) - set(sd)) if isinstance(sd, dict) else list(STATE_KEYS)
             raise ValueError(f"state_dict is not a layer-wise optimizer's (missing {missing}); save it with "
@@ -393,55 +457,111 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError("this layer-wise state was saved inside an accumulation window by a version that did not "
                              "save the window's full gradients, so it cannot resume exactly; resume from a "
                              "checkpoint taken at a window boundary")
-        self._check_shapes(sd.get("shapes"))
+
+    def _saved_keys(self, shapes: Any) -> list[str | int]:
+        """The saved parameters' keys in the saved order, checked against this wrapper's: their count, their
+        names and their shapes. A position (a list of shapes, as saved before names, or an unnamed
+        parameter) stands for this wrapper's parameter there; without shapes (older states) every key does."""
+        if shapes is None:  # written before shapes were saved: the inner optimizer's checks remain
+            return list(self._keys)
+        if isinstance(shapes, list):
+            shapes = dict(enumerate(shapes))
+        if not isinstance(shapes, Mapping):
+            raise ValueError("the saved layer-wise shapes must map parameter names to shapes, got "
+                             f"{type(shapes).__name__}")
         n = len(self._params)
-        for key in ("accum", "grads", "arrivals"):
-            bad = [i for i in sd.get(key, {}) if not (isinstance(i, int) and 0 <= i < n)]
-            if bad:
-                raise ValueError(f"the saved {key!r} names parameter index {bad[0]!r}, but this optimizer has {n} parameters")
-        for i, grad in sd.get("grads", {}).items():
-            if tuple(grad.shape) != tuple(self._params[i].shape):
-                raise ValueError(f"the saved window gradient of {self._name(self._params[i])} has shape "
-                                 f"{tuple(grad.shape)}, the parameter {tuple(self._params[i].shape)}")
-        for i, buf in sd["accum"].items():
-            p = self._params[i]
+        if len(shapes) != n:
+            raise ValueError(f"the saved layer-wise state holds {len(shapes)} parameters, this optimizer {n}")
+        keys = [self._keys[k] if _is_position(k) and 0 <= k < n else k for k in shapes]
+        self._check_same_parameters(keys)
+        for key, shape in zip(keys, shapes.values()):
+            p = self._param_of[key]
+            if tuple(shape) != tuple(p.shape):
+                raise ValueError(f"the saved layer-wise state has shape {tuple(shape)} for {self._name(p)}, "
+                                 f"which here has shape {tuple(p.shape)}")
+        return keys
+
+    def _check_same_parameters(self, saved_keys: list) -> None:
+        """Refuse, naming them, parameters here that the state lacks and saved parameters not here."""
+        saved = set(saved_keys)
+        missing = [k for k in self._keys if k not in saved]
+        extra = [k for k in saved_keys if k not in self._param_of]
+        if missing or extra:
+            parts = ([f"does not hold {_shown(missing)}, which this optimizer has"] if missing else []) + \
+                ([f"holds {_shown(extra)}, which this optimizer does not"] if extra else [])
+            raise ValueError(f"the saved layer-wise state {', and '.join(parts)} (parameters are matched by their "
+                             "names in model.named_parameters())")
+
+    def _rekeyed(self, entry: str, saved: Any, saved_keys: list) -> Any:
+        """A saved window entry (a mapping or a list over parameters) keyed by this wrapper's keys: a
+        position is one in the saved order; a name must be one of this wrapper's parameters."""
+        n = len(saved_keys)
+
+        def key(k):
+            if _is_position(k):
+                if not 0 <= k < n:
+                    raise ValueError(f"the saved {entry!r} names parameter index {k!r}, but this optimizer has {n} "
+                                     "parameters")
+                return saved_keys[k]
+            if k not in self._param_of:
+                raise ValueError(f"the saved {entry!r} names parameter {k!r}, which this optimizer does not hold")
+            return k
+
+        return {key(k): v for k, v in saved.items()} if isinstance(saved, Mapping) else [key(k) for k in saved]
+
+    def _check_window_shapes(self, sd: dict) -> None:
+        for k, grad in sd.get("grads", {}).items():
+            p = self._param_of[k]
+            if tuple(grad.shape) != tuple(p.shape):
+                raise ValueError(f"the saved window gradient of {self._name(p)} has shape {tuple(grad.shape)}, the "
+                                 f"parameter {tuple(p.shape)}")
+        for k, buf in sd["accum"].items():
+            p = self._param_of[k]
             expected = self._low_rank_shape(p)
             if expected is None or tuple(buf.shape) != expected:
                 raise ValueError(f"the saved low-rank window sum of {self._name(p)} has shape {tuple(buf.shape)}, but "
                                  f"its group here implies {expected if expected is not None else 'no low-rank sum'}")
-        if not self._engine:
-            self._check_per_param_states(sd["optimizer"])
 
-    def _check_shapes(self, shapes: list | None) -> None:
-        if shapes is None:  # written before shapes were saved: the inner optimizer's checks remain
-            return
-        if len(shapes) != len(self._params):
-            raise ValueError(f"the saved layer-wise state holds {len(shapes)} parameters, this optimizer "
-                             f"{len(self._params)}")
-        for shape, p in zip(shapes, self._params):
-            if tuple(shape) != tuple(p.shape):
-                raise ValueError(f"the saved layer-wise state has shape {tuple(shape)} for {self._name(p)}, "
-                                 f"which here has shape {tuple(p.shape)}")
+    def _inner_in_this_order(self, inner: Any, saved_keys: list) -> Any:
+        """The engine's torch state dict with each group's parameter ids listed in this wrapper's order.
+
+        torch numbers the parameters from 0 in group order (the order ``shapes`` is saved in) and its
+        load pairs saved ids with parameters by position; listing the ids by name pairs them by name.
+        A parameter in another group than when saved is refused: it would take that group's settings.
+        """
+        if saved_keys == self._keys or not isinstance(inner, dict) or not isinstance(inner.get("param_groups"), list):
+            return inner  # the same order, or no torch state dict (the engine's own load refuses that one)
+        saved_id = {k: i for i, k in enumerate(saved_keys)}
+        saved_group = {saved_keys[i]: g for g, group in enumerate(inner["param_groups"])
+                       for i in group.get("params", []) if _is_position(i) and 0 <= i < len(saved_keys)}
+        here_group = {self._key_of[p]: g for g, group in enumerate(self.optimizer.param_groups)
+                      for p in group["params"]}
+        moved = [k for k in self._keys if saved_group.get(k) != here_group[k]]
+        if moved:
+            raise ValueError(f"the saved layer-wise state has {_shown(moved[:1])} in parameter group "
+                             f"{saved_group.get(moved[0])} and this optimizer in group {here_group[moved[0]]}; build "
+                             "the parameter groups as they were when it was saved")
+        groups = [{**saved, "params": [saved_id[self._key_of[p]] for p in current["params"]]}
+                  for saved, current in zip(inner["param_groups"], self.optimizer.param_groups)]
+        return {**inner, "param_groups": groups + inner["param_groups"][len(groups):]}
 
     def _low_rank_shape(self, p: Tensor) -> tuple[int, ...] | None:
         """The shape of ``p``'s low-rank window sum under its current group settings (None: it has none)."""
         group = self._group_of.get(p)
-        if group is None or not is_projected_group(group):
-            return None
-        # built here, not with optimizer.projector(), which would add an entry to the state being guarded
-        shape = (p.shape[0], p.shape[1])
-        side = choose_side(shape, group["proj_type"])
-        kind, rank = resolve_rank(group["projector"], shape, side, group.get("rank"), group.get("density"),
-                                  group["density_rounding"])
-        return tuple(Projector(kind=kind, shape=shape, rank=rank, side=side, gap=group["update_proj_gap"]).moment_shape())
+        return None if group is None else self.optimizer.low_rank_shape(p, group)
 
-    def _check_per_param_states(self, saved: Any) -> None:
-        """One torch state dict per parameter, each of one group of one parameter, moments of its shape."""
-        if not isinstance(saved, list) or len(saved) != len(self._params):
-            count = len(saved) if isinstance(saved, list) else type(saved).__name__
+    def _checked_per_param_states(self, saved: Any, saved_keys: list) -> dict:
+        """One torch state dict per parameter (keyed by name; a list, as saved before names, is in the saved
+        order), each of one group of one parameter, with moments of its parameter's shape."""
+        if isinstance(saved, list) and len(saved) == len(saved_keys):
+            saved = dict(enumerate(saved))
+        if not isinstance(saved, Mapping) or len(saved) != len(self._params):
+            count = len(saved) if isinstance(saved, (list, Mapping)) else type(saved).__name__
             raise ValueError(f"the saved layer-wise state holds {count} per-parameter optimizers, this one "
                              f"{len(self._params)}")
-        for sd, p in zip(saved, self._params):
+        saved = self._rekeyed("optimizer", saved, saved_keys)
+        for k, sd in saved.items():
+            p = self._param_of[k]
             groups = sd.get("param_groups", []) if isinstance(sd, dict) else []
             if len(groups) != 1 or len(groups[0].get("params", [])) != 1:
                 raise ValueError(f"the saved optimizer of {self._name(p)} is not one group of one parameter")
@@ -450,6 +570,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     if key in PARAM_SHAPED_KEYS and isinstance(value, Tensor) and tuple(value.shape) != tuple(p.shape):
                         raise ValueError(f"the saved {key} of {self._name(p)} has shape {tuple(value.shape)}, the "
                                          f"parameter {tuple(p.shape)}")
+        return saved
 
     def remove_hooks(self) -> None:
         """Detach the backward hooks (the wrapper stops updating)."""

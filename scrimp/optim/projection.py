@@ -40,9 +40,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PROJECTORS = ("svd", "gram", "rsvd", "random", "randperm", "rows", "columns", "randk", "blocks", "full", "none")
-DENSE = ("svd", "gram", "rsvd", "random")
-COORDINATE = ("randperm", "rows", "columns", "randk")
+from . import functional as F
+
+PROJECTORS = ("svd", "gram", "rsvd", "random", "gaussian", "randperm", "rows", "columns", "randk", "blocks", "full",
+              "none")
+DENSE = ("svd", "gram", "rsvd", "random")  # the kinds with an orthonormal (dim, r) matrix P
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 _warned: set[str] = set()
@@ -215,22 +217,447 @@ def random_basis(dim: int, rank: int, *, seed: int, device: torch.device) -> Ten
     return Q * torch.where(diag != 0, torch.sign(diag), 1.0)
 
 
+def side_dim(shape: tuple[int, int], side: str) -> int:
+    """The size of the projected side of an (m, n) weight: m on the left, n on the right."""
+    return shape[0] if side == "left" else shape[1]
+
+
 def coordinate_index(kind: str, shape: tuple[int, int], rank: int, side: str, *, seed: int, refresh: int,
                      device: torch.device) -> Tensor:
     """Sorted int64 indices of the selected rows/columns (or flat entries for ``randk``)."""
-    m, n = shape
-    if kind == "randk":
-        return torch.randperm(m * n, generator=seeded_generator(mix_seed(seed, refresh)))[:rank].sort().values.to(device)
-    if kind in ("rows", "columns"):
-        dim = m if kind == "rows" else n
-    else:
-        dim = m if side == "left" else n
-    if kind == "randperm":
-        idx = torch.randperm(dim, generator=seeded_generator(mix_seed(seed, refresh)))[:rank].sort().values
-    else:  # rows / columns: a contiguous cyclic window that moves by `rank` at each refresh
+    return KINDS[kind].draw_index(shape, rank, side, seed=seed, refresh=refresh).to(device)
+
+
+def subspace_dim(kind: str, shape: tuple[int, int], side: str) -> int:
+    """How many directions a projector of ``kind`` can select from an (m, n) weight.
+
+    Row/column windows select among m rows / n columns; ``randperm``, ``random`` and ``gaussian``
+    among the vectors of their side (left: m, right: n); the spectral kinds among the min(m, n)
+    singular vectors.
+    """
+    return KINDS[kind].subspace_dim(shape, side)
+
+
+def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None, density: float | None,
+                 rounding: str = "round") -> tuple[str, int]:
+    """Map (projector kind, rank or density) to the effective kind and subspace size of one weight.
+
+    Density ``d`` selects ``round(d * dim)`` directions (entries for ``randk``), where ``dim`` is the
+    size of the projected side (m for left, n for right), as FRUGAL's GaLoreProjector counts; a
+    spectral basis holds at most min(m, n) vectors. A full selection becomes ``full`` (plain
+    Adam, so FRUGAL with density 1 is AdamW), an empty one ``none``. An explicit ``rank`` is in
+    directions; for ``randk`` it means ``rank * max(m, n)`` entries. ``rounding="floor"`` takes
+    ``int(d * dim)`` instead, as FRUGAL's coordinate projector does.
+    """
+    return KINDS[kind].resolve(shape, side, rank, density, round if rounding == "round" else math.floor)
+
+
+def coordinate_bound(kind: str, shape: tuple[int, int], side: str) -> int:
+    """How many coordinates a coordinate projector selects from (entries for randk)."""
+    return KINDS[kind].coordinate_bound(shape, side)
+
+
+# -- what a step does with each kind: small objects, so that the engine never branches on a kind name --
+# What ``Projector.schedule`` says about a parameter's subspace at a step:
+KEEP = "keep"  # the subspace stays; the moments go on
+REFRESH = "refresh"  # a new subspace from this gradient; the moment policy carries the moments across
+RESTART = "restart"  # a new block cycle for a still active block: the moments start from zero (FRUGAL)
+PAUSE = "pause"  # an inactive block: no moments and a residual-only step
+EMPTY = "empty"  # no subspace ever (rank 0): a residual-only step, no state
+
+
+class DenseKind:
+    """A (dim, r) matrix P with orthonormal columns: R = P^T G (left) or G P (right).
+
+    The base of every kind (``matrix`` is each dense kind's own). Its declarations, which the engine reads instead of kind names:
+    ``orthonormal`` (P^T P = I, so G - P P^T G is the complement of the subspace and a residual rule
+    applies), ``side_shaped_R`` (R is (r, n) on the left and (m, r) on the right, which output rules
+    that scale channels need), ``compares_bases`` (two bases have an overlap P_new^T P_old, for
+    ``moment_policy="rotate"``), ``stores_matrix`` (the state keeps P under ``proj_P``).
+    """
+
+    low_rank = True  # the step can take an accumulated R (layer-wise) and has a refresh schedule
+    compares_bases = True
+    has_moments = True
+    cycles_blocks = False
+    orthonormal = True
+    side_shaped_R = True
+    stores_matrix = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    # -- sizes (from the settings alone) --
+    def subspace_dim(self, shape: tuple[int, int], side: str) -> int:
+        return side_dim(shape, side)
+
+    def resolve(self, shape: tuple[int, int], side: str, rank: int | None, density: float | None,
+                to_size) -> tuple[str, int]:
+        """(kind, size) for ``rank`` directions or a ``density`` of the projected side (``resolve_rank``)."""
+        size = to_size(density * self.density_dim(shape, side)) if rank is None else rank
+        return self._bounded(size, self.subspace_dim(shape, side))
+
+    def density_dim(self, shape: tuple[int, int], side: str) -> int:
+        return side_dim(shape, side)
+
+    def _bounded(self, size: int, total: int) -> tuple[str, int]:
+        if size >= total:
+            return "full", 0
+        if size <= 0:
+            return "none", 0
+        return self.name, int(size)
+
+    # -- settings checks (``subspace.validate_group``) --
+    def check_group(self, group: dict) -> None:
+        """Refuse settings this kind cannot follow (one ValueError); most kinds take any."""
+
+    def check_rank(self, rank: int, shape: tuple[int, int], side: str) -> None:
+        """Refuse a ``rank`` at or above the number of directions this kind selects from."""
+        dim = self.subspace_dim(shape, side)
+        if rank >= dim:
+            what = ("min(m, n)" if dim == min(shape)
+                    else f"the number of {self.selected_unit(side)} projector {self.name!r} selects from")
+            raise ValueError(f"rank must be below {what} = {dim} for a parameter of shape {tuple(shape)}, got {rank}")
+
+    def selected_unit(self, side: str) -> str:
+        return "rows" if side == "left" else "columns"
+
+    # -- the subspace (refresh, matrix) --
+    def refresh_(self, proj: Projector, G: Tensor, state: dict, count: int) -> None:
+        """Record the ``count``-th subspace from ``G`` in ``state`` (this kind regenerates it from its seed)."""
+
+    def matrix(self, proj: Projector, state: dict, device: torch.device) -> Tensor:
+        """The dense (dim, rank) P of the current subspace."""
+        raise NotImplementedError(f"{type(self).__name__} must give its matrix")
+
+    def state_shapes(self, proj: Projector) -> dict[str, tuple[tuple[int, ...], int | None, str]]:
+        """The projector's own state tensors: key -> (shape, bound of the values or None, why)."""
+        return {}
+
+    # -- the step --
+    def schedule(self, proj: Projector, state: dict, step: int, block_active) -> str:
+        return REFRESH if proj.refresh_due(state, step) else KEEP
+
+    def basis(self, proj: Projector, state: dict, device: torch.device) -> Tensor:
+        return self.matrix(proj, state, device)
+
+    def working_grad(self, G: Tensor, P: Tensor) -> Tensor:
+        return G if G.dtype == P.dtype else G.to(P.dtype)
+
+    def project(self, proj: Projector, G: Tensor, P: Tensor) -> Tensor:
+        return F.project(G, P, proj.side)
+
+    def residual(self, proj: Projector, G: Tensor, R: Tensor, P: Tensor, dtype: torch.dtype) -> Tensor:
+        return F.subspace_residual(G, P, proj.side, R=R)
+
+    def write_(self, proj: Projector, W: Tensor, N: Tensor, P: Tensor, hp, residual: Tensor | None) -> None:
+        F.write_dense_step_(W, N, P, hp, residual)
+
+    def moment_shape(self, proj: Projector) -> tuple[int, ...]:
+        m, n = proj.shape
+        return (proj.rank, n) if proj.side == "left" else (m, proj.rank)
+
+
+class RandomKind(DenseKind):
+    """A seeded Gaussian made orthonormal by QR, regenerated at each step from the parameter's seed and
+    refresh count (only those are stored; Flora/FRUGAL's random projections)."""
+
+    def matrix(self, proj: Projector, state: dict, device: torch.device) -> Tensor:
+        dim = side_dim(proj.shape, proj.side)
+        return random_basis(dim, proj.rank, seed=mix_seed(proj.seed, state["proj_refresh"]), device=device)
+
+
+class SpectralKind(DenseKind):
+    """A basis computed from the gradient at each refresh and kept in the state (``proj_P``): svd/gram/rsvd."""
+
+    stores_matrix = True
+
+    def subspace_dim(self, shape: tuple[int, int], side: str) -> int:
+        return min(shape)
+
+    def solve(self, proj: Projector, G: Tensor, count: int) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must compute its basis (solve)")
+
+    def refresh_(self, proj: Projector, G: Tensor, state: dict, count: int) -> None:
+        P = self._basis_with_fallbacks(proj, G, state, count)
+        if P is not None:
+            state["proj_P"] = orient_basis(P, state.get("proj_P"), proj.sign_rule)
+
+    def matrix(self, proj: Projector, state: dict, device: torch.device) -> Tensor:
+        return state["proj_P"]
+
+    def state_shapes(self, proj: Projector) -> dict[str, tuple[tuple[int, ...], int | None, str]]:
+        dim = side_dim(proj.shape, proj.side)
+        return {"proj_P": ((dim, proj.rank), None, f"the {proj.side} side's {dim} by rank {proj.rank}")}
+
+    def _basis_with_fallbacks(self, proj: Projector, G: Tensor, state: dict, count: int) -> Tensor | None:
+        """``solve``, else eigh of the float64 Gram matrix, else the previous projector (None), else random."""
+        try:
+            if not torch.isfinite(G).all():
+                raise torch.linalg.LinAlgError("non-finite gradient")
+            P = self.solve(proj, G, count)
+            if torch.isfinite(P).all():
+                return P
+            raise torch.linalg.LinAlgError("non-finite singular vectors")
+        except (RuntimeError, torch.linalg.LinAlgError) as err:
+            reason = str(err).splitlines()[0][:120]
+        P = _float64_gram_basis(G, proj)
+        if P is not None:
+            warn_once("svd-fallback", f"{self.name} of a gradient failed ({reason}); using eigh of the "
+                                      "Gram matrix instead (warned once)")
+            return P
+        if "proj_P" in state:
+            warn_once("svd-fallback", f"{self.name} of a gradient failed ({reason}); keeping the previous "
+                                      "projector (warned once)")
+            return None
+        warn_once("svd-fallback", f"{self.name} of a gradient failed ({reason}) at the first step; using a "
+                                  "seeded random projector until the next refresh (warned once)")
+        return random_basis(side_dim(proj.shape, proj.side), proj.rank, seed=mix_seed(proj.seed, count, 1),
+                            device=G.device)
+
+
+def _float64_gram_basis(G: Tensor, proj: Projector) -> Tensor | None:
+    """The first fallback of a failed spectral solve: eigh of the float64 Gram matrix (None if that fails too)."""
+    try:
+        if torch.isfinite(G).all():
+            P = eigh_basis(G, proj.rank, proj.side)
+            if torch.isfinite(P).all():
+                return P.to(G.device)
+    except (RuntimeError, torch.linalg.LinAlgError):
+        pass
+    return None
+
+
+class SvdKind(SpectralKind):
+    """Top-r singular vectors by LAPACK/cuSOLVER's SVD (GaLore)."""
+
+    def solve(self, proj: Projector, G: Tensor, count: int) -> Tensor:
+        return svd_basis(G, proj.rank, proj.side)
+
+
+class GramKind(SpectralKind):
+    """Top-r eigenvectors of the fp32 Gram matrix of the projected side."""
+
+    def solve(self, proj: Projector, G: Tensor, count: int) -> Tensor:
+        return eigh_basis(G, proj.rank, proj.side, dtype=torch.float32)
+
+
+class RsvdKind(SpectralKind):
+    """Randomized SVD with ``power_iters`` power iterations, seeded per refresh."""
+
+    def solve(self, proj: Projector, G: Tensor, count: int) -> Tensor:
+        return rsvd_basis(G, proj.rank, proj.side, seed=mix_seed(proj.seed, count), power_iters=proj.power_iters)
+
+
+class GaussianKind(DenseKind):
+    """APOLLO's seeded N(0, 1/r) projection (``rules.apollo.apollo_projection``), regenerated at each step from
+    the parameter's seed and refresh count (``rules.apollo.apollo_seed``). Not orthonormal, so two bases have
+    no meaningful overlap (no ``rotate``) and G - P P^T G is not the complement of the subspace (no residual
+    rule); its back-projection P P^T G is unbiased (E[P P^T] = I, Flora's sketch), but APOLLO uses it through
+    its output rule."""
+
+    compares_bases = False
+    orthonormal = False
+
+    def matrix(self, proj: Projector, state: dict, device: torch.device) -> Tensor:
+        from .rules.apollo import apollo_projection, apollo_seed
+
+        dim = side_dim(proj.shape, proj.side)
+        return apollo_projection(dim, proj.rank, proj.side, apollo_seed(proj.seed, state["proj_refresh"]), device)
+
+
+class CoordinateKind(DenseKind):
+    """Selected coordinates (a 0/1 orthonormal P, never built), drawn at each refresh and kept under
+    ``proj_index``: ``randperm``, a seeded random subset of r rows (left side) or columns (right side).
+
+    Drawn once per refresh and kept (counted as projector state): redrawing at every step would cost a
+    CPU randperm (O(mn) for randk) and a host-to-device copy, which makes a CUDA step wait.
+    """
+
+    compares_bases = False
+
+    def coordinate_dim(self, proj: Projector) -> int | None:
+        """0 for row selection, 1 for column selection, None for flat entries."""
+        return 0 if proj.side == "left" else 1
+
+    def coordinate_bound(self, shape: tuple[int, int], side: str) -> int:
+        return self.subspace_dim(shape, side)
+
+    def draw_index(self, shape: tuple[int, int], rank: int, side: str, *, seed: int, refresh: int) -> Tensor:
+        dim = self.subspace_dim(shape, side)
+        return torch.randperm(dim, generator=seeded_generator(mix_seed(seed, refresh)))[:rank].sort().values
+
+    def refresh_(self, proj: Projector, G: Tensor, state: dict, count: int) -> None:
+        state["proj_index"] = proj.draw_index(count, G.device)
+
+    def matrix(self, proj: Projector, state: dict, device: torch.device) -> Tensor:
+        raise ValueError(f"projector {self.name!r} selects coordinates and builds no matrix")
+
+    def state_shapes(self, proj: Projector) -> dict[str, tuple[tuple[int, ...], int | None, str]]:
+        bound = self.coordinate_bound(proj.shape, proj.side)
+        return {"proj_index": ((proj.rank,), bound, f"{proj.rank} selected coordinates")}
+
+    def basis(self, proj: Projector, state: dict, device: torch.device) -> Tensor:
+        return proj.index(state, device)
+
+    def working_grad(self, G: Tensor, index: Tensor) -> Tensor:
+        return G
+
+    def project(self, proj: Projector, G: Tensor, index: Tensor) -> Tensor:
+        return F.select_coordinates(G, index, self.coordinate_dim(proj))
+
+    def residual(self, proj: Projector, G: Tensor, R: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor:
+        return F.coordinate_residual(G, index, self.coordinate_dim(proj), dtype)
+
+    def write_(self, proj: Projector, W: Tensor, N: Tensor, index: Tensor, hp, residual: Tensor | None) -> None:
+        F.write_coordinate_step_(W, N, index, self.coordinate_dim(proj), hp, residual)
+
+    def moment_shape(self, proj: Projector) -> tuple[int, ...]:
+        m, n = proj.shape
+        dim = self.coordinate_dim(proj)
+        return (proj.rank,) if dim is None else ((proj.rank, n) if dim == 0 else (m, proj.rank))
+
+
+class WindowKind(CoordinateKind):
+    """A contiguous cyclic window of r rows (``axis=0``) or columns (``axis=1``) that moves by r at each
+    refresh (deterministic coordinate rotation). The axis is fixed, whatever the side: R is laid out
+    along it, not along the side (``side_shaped_R`` is False)."""
+
+    side_shaped_R = False
+
+    def __init__(self, name: str, axis: int):
+        super().__init__(name)
+        self.axis = axis
+
+    def coordinate_dim(self, proj: Projector) -> int:
+        return self.axis
+
+    def subspace_dim(self, shape: tuple[int, int], side: str) -> int:
+        return shape[self.axis]
+
+    def density_dim(self, shape: tuple[int, int], side: str) -> int:
+        return shape[self.axis]
+
+    def selected_unit(self, side: str) -> str:
+        return self.name
+
+    def draw_index(self, shape: tuple[int, int], rank: int, side: str, *, seed: int, refresh: int) -> Tensor:
+        dim = shape[self.axis]
         start = (refresh * rank) % dim
-        idx = ((torch.arange(rank) + start) % dim).sort().values
-    return idx.to(device)
+        return ((torch.arange(rank) + start) % dim).sort().values
+
+
+class RandKKind(CoordinateKind):
+    """A seeded random subset of k entries of the matrix (FRUGAL's RandK); drawing them is O(mn). R is flat
+    (``side_shaped_R`` is False); an explicit ``rank`` means ``rank * max(m, n)`` entries."""
+
+    side_shaped_R = False
+
+    def coordinate_dim(self, proj: Projector) -> None:
+        return None
+
+    def subspace_dim(self, shape: tuple[int, int], side: str) -> int:
+        return min(shape)
+
+    def coordinate_bound(self, shape: tuple[int, int], side: str) -> int:
+        return shape[0] * shape[1]
+
+    def resolve(self, shape: tuple[int, int], side: str, rank: int | None, density: float | None,
+                to_size) -> tuple[str, int]:
+        total = shape[0] * shape[1]
+        return self._bounded(to_size(density * total) if rank is None else rank * max(shape), total)
+
+    def draw_index(self, shape: tuple[int, int], rank: int, side: str, *, seed: int, refresh: int) -> Tensor:
+        total = shape[0] * shape[1]
+        return torch.randperm(total, generator=seeded_generator(mix_seed(seed, refresh)))[:rank].sort().values
+
+
+class FullKind(DenseKind):
+    """The identity (density 1, and the parameters of plain groups): R = G, no residual, Adam on the whole matrix."""
+
+    low_rank = False
+    compares_bases = False
+
+    def subspace_dim(self, shape: tuple[int, int], side: str) -> int:
+        return min(shape)
+
+    def resolve(self, shape: tuple[int, int], side: str, rank: int | None, density: float | None,
+                to_size) -> tuple[str, int]:
+        return self.name, 0
+
+    def check_rank(self, rank: int, shape: tuple[int, int], side: str) -> None:
+        """No bound: the rank does not size this kind's subspace."""
+
+    def matrix(self, proj: Projector, state: dict, device: torch.device) -> Tensor:
+        raise ValueError(f"projector {self.name!r} projects nothing and builds no matrix")
+
+    def schedule(self, proj: Projector, state: dict, step: int, block_active) -> str:
+        return KEEP
+
+    def basis(self, proj: Projector, state: dict, device: torch.device) -> None:
+        return None
+
+    def working_grad(self, G: Tensor, basis: None) -> Tensor:
+        return G
+
+    def project(self, proj: Projector, G: Tensor, basis: None) -> Tensor:
+        return G
+
+    def residual(self, proj: Projector, G: Tensor, R: Tensor, basis: None, dtype: torch.dtype) -> None:
+        return None  # G - G
+
+    def write_(self, proj: Projector, W: Tensor, N: Tensor, basis: None, hp, residual: Tensor | None) -> None:
+        F.write_full_step_(W, N, hp, residual)
+
+    def moment_shape(self, proj: Projector) -> tuple[int, ...]:
+        return tuple(proj.shape)
+
+
+class BlocksKind(FullKind):
+    """Whole parameters in rotation (BAdam, Luo et al., 2024; FRUGAL's blocks): the active ones take Adam,
+    with fresh moments at each cycle; the others a residual-only step without state."""
+
+    cycles_blocks = True
+
+    def check_group(self, group: dict) -> None:
+        """Blocks are counted by ``density`` (the fraction of the group's parameters kept active)."""
+        density = group.get("density")
+        if density is None:
+            raise ValueError("projector 'blocks' needs density in (0, 1] (the fraction of parameters kept active)")
+        if group["block_order"] == "mirror" and group["params"]:
+            n = len(group["params"])
+            k = max(1, round(density * n))
+            if n < 2 or k % 2:
+                raise ValueError(f"block_order 'mirror' activates blocks in pairs, so round(density * n) must be even "
+                                 f"with n >= 2; got {k} of n = {n} parameters")
+
+    def schedule(self, proj: Projector, state: dict, step: int, block_active) -> str:
+        cycle = step // proj.gap
+        if not block_active(cycle):
+            return PAUSE
+        if state.get("block_cycle") == cycle:
+            return KEEP
+        # FRUGAL re-initializes every active block at a switch, also one that stays active.
+        state["block_cycle"] = cycle
+        return RESTART
+
+
+class EmptyKind(FullKind):
+    """No subspace (rank 0 / density -> 0): the residual rule alone, no state."""
+
+    has_moments = False
+
+    def schedule(self, proj: Projector, state: dict, step: int, block_active) -> str:
+        return EMPTY
+
+
+KINDS: dict[str, DenseKind] = {
+    "svd": SvdKind("svd"), "gram": GramKind("gram"), "rsvd": RsvdKind("rsvd"), "random": RandomKind("random"),
+    "gaussian": GaussianKind("gaussian"), "randperm": CoordinateKind("randperm"), "rows": WindowKind("rows", axis=0),
+    "columns": WindowKind("columns", axis=1), "randk": RandKKind("randk"), "blocks": BlocksKind("blocks"),
+    "full": FullKind("full"), "none": EmptyKind("none"),
+}
+assert tuple(KINDS) == PROJECTORS, "every projector name has its kind object"
 
 
 @dataclass(frozen=True)
@@ -240,7 +667,7 @@ class Projector:
     ``rank`` is the subspace size (entries for ``randk``); ``side`` "left"/"right"; ``gap`` the
     refresh period in steps and ``offset`` this parameter's stagger offset (refresh when
     ``(step + offset) % gap == 0``, plus at the first step). ``sign_rule`` orients spectral
-    bases (``orient_basis``).
+    bases (``orient_basis``). What a kind does lives in its object, ``ops`` (``KINDS``).
     """
 
     kind: str
@@ -254,28 +681,30 @@ class Projector:
     sign_rule: str = "align"
 
     @property
-    def dense(self) -> bool:
-        return self.kind in DENSE
+    def stores_matrix(self) -> bool:
+        """Whether the state keeps the basis (spectral kinds) rather than regenerating it from a seed."""
+        return self.ops.stores_matrix
+
+    @property
+    def ops(self) -> DenseKind:
+        """The object that says what a step does with this kind (``KINDS``)."""
+        return KINDS[self.kind]
+
+    def schedule(self, state: dict, step: int, block_active=None) -> str:
+        """What happens to the subspace before 0-based step ``step``: KEEP, REFRESH, RESTART, PAUSE or EMPTY.
+
+        ``block_active(cycle)`` says whether this parameter is an active block in ``cycle`` (blocks only).
+        """
+        return self.ops.schedule(self, state, step, block_active)
 
     @property
     def coordinate_dim(self) -> int | None:
-        """0 for row selection, 1 for column selection, None for flat entries (randk)."""
-        if self.kind == "randk":
-            return None
-        if self.kind in ("rows", "columns"):
-            return 0 if self.kind == "rows" else 1
-        return 0 if self.side == "left" else 1
+        """0 for row selection, 1 for column selection, None for flat entries (randk); coordinate kinds only."""
+        return self.ops.coordinate_dim(self)
 
     def moment_shape(self) -> tuple[int, ...]:
-        """Shape of the Adam moments in the subspace."""
-        m, n = self.shape
-        if self.kind in ("full", "blocks"):
-            return (m, n)
-        if self.kind == "randk":
-            return (self.rank,)
-        if self.kind in ("rows", "columns"):
-            return (self.rank, n) if self.kind == "rows" else (m, self.rank)
-        return (self.rank, n) if self.side == "left" else (m, self.rank)
+        """Shape of the moments in the subspace (of R)."""
+        return self.ops.moment_shape(self)
 
     def refresh_due(self, state: dict, step: int) -> bool:
         """Whether the subspace is recomputed before 0-based step ``step``."""
@@ -286,58 +715,13 @@ class Projector:
     def refresh(self, G: Tensor, state: dict) -> None:
         """Recompute the subspace from gradient ``G`` and record it in ``state`` (tensors and numbers only)."""
         count = state.get("proj_refresh", -1) + 1
-        if self.kind in ("svd", "gram", "rsvd"):
-            P = self._spectral_basis(G, state, count)
-            if P is not None:
-                state["proj_P"] = orient_basis(P, state.get("proj_P"), self.sign_rule)
+        self.ops.refresh_(self, G, state, count)
         state["proj_refresh"] = count
         state["proj_seed"] = self.seed
-        if self.kind in COORDINATE:
-            # Drawn once per refresh and kept (counted as projector state). Redrawing at every step
-            # would cost a CPU randperm (O(mn) for randk) and a host-to-device copy, which makes a
-            # CUDA step wait.
-            state["proj_index"] = self._draw_index(count, G.device)
-
-    def _spectral_basis(self, G: Tensor, state: dict, count: int) -> Tensor | None:
-        """SVD/rSVD with fallbacks: eigh of the Gram matrix, then the previous projector, then random."""
-        try:
-            if not torch.isfinite(G).all():
-                raise torch.linalg.LinAlgError("non-finite gradient")
-            if self.kind == "svd":
-                P = svd_basis(G, self.rank, self.side)
-            elif self.kind == "gram":
-                P = eigh_basis(G, self.rank, self.side, dtype=torch.float32)
-            else:
-                P = rsvd_basis(G, self.rank, self.side, seed=mix_seed(self.seed, count), power_iters=self.power_iters)
-            if torch.isfinite(P).all():
-                return P
-            raise torch.linalg.LinAlgError("non-finite singular vectors")
-        except (RuntimeError, torch.linalg.LinAlgError) as err:
-            reason = str(err).splitlines()[0][:120]
-        try:
-            if torch.isfinite(G).all():
-                P = eigh_basis(G, self.rank, self.side)
-                if torch.isfinite(P).all():
-                    warn_once("svd-fallback", f"{self.kind} of a gradient failed ({reason}); using eigh of the "
-                                          "Gram matrix instead (warned once)")
-                    return P.to(G.device)
-        except (RuntimeError, torch.linalg.LinAlgError):
-            pass
-        if "proj_P" in state:
-            warn_once("svd-fallback", f"{self.kind} of a gradient failed ({reason}); keeping the previous "
-                                  "projector (warned once)")
-            return None
-        warn_once("svd-fallback", f"{self.kind} of a gradient failed ({reason}) at the first step; using a "
-                                "seeded random projector until the next refresh (warned once)")
-        dim = self.shape[0] if self.side == "left" else self.shape[1]
-        return random_basis(dim, self.rank, seed=mix_seed(self.seed, count, 1), device=G.device)
 
     def matrix(self, state: dict, device: torch.device) -> Tensor:
-        """The dense (dim, rank) projector for ``svd``/``gram``/``rsvd``/``random`` kinds."""
-        if self.kind == "random":
-            dim = self.shape[0] if self.side == "left" else self.shape[1]
-            return random_basis(dim, self.rank, seed=mix_seed(self.seed, state["proj_refresh"]), device=device)
-        return state["proj_P"]
+        """The dense (dim, rank) projector of a kind that has one (spectral, ``random``, ``gaussian``)."""
+        return self.ops.matrix(self, state, device)
 
     def index(self, state: dict, device: torch.device) -> Tensor:
         """The selected coordinates for coordinate kinds, drawn at the last refresh."""
@@ -346,10 +730,10 @@ class Projector:
         # rows/columns/randperm kept their index, or after torch.optim.Optimizer.load_state_dict
         # cast it to the parameter's float dtype (its rule for every non-"step" tensor).
         if index is None or index.is_floating_point():
-            index = state["proj_index"] = self._draw_index(state["proj_refresh"], device)
+            index = state["proj_index"] = self.draw_index(state["proj_refresh"], device)
         return index
 
-    def _draw_index(self, refresh: int, device: torch.device) -> Tensor:
+    def draw_index(self, refresh: int, device: torch.device) -> Tensor:
         """int32 indices (4 bytes per selected row, column or entry); int64 where a flat randk index needs it."""
         index = coordinate_index(self.kind, self.shape, self.rank, self.side, seed=self.seed, refresh=refresh,
                                  device=device)

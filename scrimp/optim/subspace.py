@@ -1,30 +1,41 @@
-"""The composable core: one optimizer engine = projector x inner rule (Adam) x residual rule.
+"""The composable core: one optimizer engine = projector x inner rule x residual rule x output rule.
 
-``SubspaceAdamW`` is the single place where a projected step is orchestrated. GaLore
-(Zhao et al., 2024) is ``projector=svd, residual=None``; FRUGAL (Zmushko et al., 2025) is any
-projector with ``residual="sign_sgd"``/``"sgd"``; Fira/APOLLO-style norm-scaled residuals are
-``residual="scaled"``. The design follows optax's ``chain`` / ``scale_by_galore`` idea of
-composing pieces rather than re-implementing Adam per class.
+``SubspaceAdamW`` is the single place where a projected step is orchestrated, in public stages
+(``begin``: refresh if due and project, ``run_inner``: the inner rule on R, ``finish``: decay,
+back-projection or an output rule, residual, apply); ``step_param`` runs the three, or the fused
+kernels where ``scrimp.optim.kernels.fuses`` declares the composition. Each part is an object:
+the projector kind (``projection.KINDS``), the inner rule and the residual and output rules
+(``scrimp.optim.rules``, found by name in their registry), the moment store (``moments``); the
+engine never branches on a part's name. GaLore (Zhao et al., 2024) is ``projector=svd,
+residual=None``; FRUGAL (Zmushko et al., 2025) is any projector with ``residual="sign_sgd"``/``"sgd"``;
+Fira/APOLLO-style norm-scaled residuals are ``residual="scaled"``. The design follows optax's
+``chain`` / ``scale_by_galore`` idea of composing pieces rather than re-implementing Adam per class.
 
 Param groups: a group with a ``rank`` or ``density`` key is projected, any other group is plain
 AdamW. Group keys of projected groups (defaults in ``PROJECTION_DEFAULTS``):
 ``rank`` or ``density``, ``update_proj_gap``, ``scale``, ``proj_type`` (std/reverse_std/left/right),
-``projector`` (see ``scrimp.optim.projection.PROJECTORS``), ``residual`` (None/sign_sgd/sgd/scaled),
-``residual_lr_scale``, ``reset_statistics``, ``stagger``, ``seed``, ``power_iters``, ``sign_rule``,
-``moment_policy`` (keep/reset/rotate: how the moments cross a refresh, ``SubspaceAdamW._refresh``),
-(align/canonical/solver: how spectral bases get their signs, ``projection.orient_basis``).
+``projector`` (see ``scrimp.optim.projection.PROJECTORS``), ``inner`` (a registered inner rule,
+default "adam"), ``output`` (None: back-projection, or a registered output rule), ``residual``
+(None or a registered residual rule: sign_sgd/sgd/scaled built in), ``residual_lr_scale``,
+``reset_statistics``, ``stagger``, ``seed``, ``power_iters``, ``sign_rule`` (align/canonical/solver:
+how spectral bases get their signs, ``projection.orient_basis``), ``moment_policy`` (keep/reset/rotate:
+how the moments cross a refresh, ``SubspaceAdamW._refresh``), and the keys the inner and output rules
+declare (``group_keys``).
 
-State per parameter (only tensors, ints, floats, strings): ``step``, ``moment_step``, ``exp_avg``,
-``exp_avg_sq`` (or ``exp_avg_q``/``exp_avg_absmax``/... for 8-bit moments), ``proj_P``
-(spectral kinds), ``proj_index`` (coordinate kinds), ``proj_refresh``, ``proj_seed``, ``proj_offset``.
+State per parameter (only tensors, ints, floats, strings): ``step``, ``moment_step``, the inner rule's
+moments (Adam: ``exp_avg``, ``exp_avg_sq``, or ``exp_avg_q``/``exp_avg_absmax``/... in the 8-bit
+store), ``proj_P`` (spectral kinds), ``proj_index`` (coordinate kinds), ``proj_refresh``, ``proj_seed``,
+``proj_offset``, ``block_cycle`` (blocks).
 """
 
 from __future__ import annotations
 
-import math
+import functools
+import inspect
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,24 +45,38 @@ from scrimp.checks import check_number, is_real
 from . import functional as F
 from . import state_check
 from .finite_guard import first_nonfinite
+from .moments import BLOCKSIZE_8BIT, MIN_8BIT_NUMEL, Fp32Store, moment_store, stored_keys
 from .projection import (
-    COORDINATE,
-    DENSE,
+    EMPTY,
+    KINDS,
+    PAUSE,
     PROJ_TYPES,
     PROJECTORS,
+    REFRESH,
+    RESTART,
     SIGN_RULES,
     Projector,
     choose_side,
     mix_seed,
+    resolve_rank,
     seeded_generator,
+    subspace_dim,
 )
+from .rules import INNER_RULES, OUTPUT_RULES, RESIDUAL_RULES
+from .rules.adam import AdamRule
+from .rules.base import InnerRule, OutputRule, ResidualRule, StepHyper
+from .rules.registry import declared_moment_specs
 
-RESIDUALS = (None, "sign_sgd", "sgd", "scaled")
+__all__ = ["MIN_8BIT_NUMEL", "BLOCKSIZE_8BIT", "ParamStep", "Parts", "SubspaceAdamW", "resolve_rank",
+           "subspace_dim"]
+
 PROJECTION_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200,
     "scale": 1.0,
     "proj_type": "std",
     "projector": "svd",
+    "inner": "adam",
+    "output": None,
     "residual": None,
     "residual_lr_scale": 1.0,
     "reset_statistics": False,
@@ -70,8 +95,62 @@ GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay", "eps_style", *PROJ
 SPARSE_GRADIENTS = ("SubspaceAdamW does not support sparse gradients (nn.Embedding(sparse=True)); use dense "
                     "gradients or torch.optim.SparseAdam for those parameters")
 PROJECTION_KEYS = ("rank", "density", *PROJECTION_DEFAULTS)
-MIN_8BIT_NUMEL = 4096  # as bitsandbytes' min_8bit_size: tiny tensors keep fp32 moments
-BLOCKSIZE_8BIT = 256
+
+
+def rule_group_defaults(cls: type) -> dict[str, Any]:
+    """The group keys a rule class takes (``group_keys``), with their defaults (from the constructor for names)."""
+    return dict(_rule_group_defaults(cls))
+
+
+@functools.cache
+def _rule_group_defaults(cls: type) -> tuple[tuple[str, Any], ...]:
+    keys = getattr(cls, "group_keys", ())
+    if isinstance(keys, dict):
+        return tuple(keys.items())
+    params = inspect.signature(cls).parameters
+    return tuple((k, params[k].default) for k in keys
+                 if k in params and params[k].default is not inspect.Parameter.empty)
+
+
+def make_rule(cls: type, group: dict):
+    """An instance of a rule class with the group's values of the keys it declares."""
+    return cls(**{k: group[k] for k in rule_group_defaults(cls) if k in group})
+
+
+def rule_keys() -> set[str]:
+    """Every group key a registered inner or output rule declares."""
+    return {k for table in (INNER_RULES, OUTPUT_RULES) for cls in table.values() for k in rule_group_defaults(cls)}
+
+
+class Parts(NamedTuple):
+    """The parts of one group's steps: inner rule, residual rule (or None), output rule (or None), moment store."""
+
+    inner: InnerRule
+    residual: ResidualRule | None
+    output: OutputRule | None
+    store: Fp32Store
+
+
+@dataclass
+class ParamStep:
+    """One parameter's step between the stages: ``begin`` fills it, ``run_inner`` and ``finish`` read it.
+
+    ``grad`` is the full gradient as the projector works on it (None for a layer-wise low-rank step),
+    ``basis`` the projector's matrix or coordinate index for this step (None for full/blocks/none),
+    ``R`` the projected gradient (None when the parameter has no subspace this step: a residual-only
+    step). A caller may change ``R`` in place between ``begin`` and ``run_inner`` (an FSDP collective).
+    """
+
+    p: Tensor
+    group: dict
+    grad: Tensor | None
+    state: dict
+    projector: Projector
+    parts: Parts
+    hp: StepHyper
+    active: bool
+    basis: Tensor | None = None
+    R: Tensor | None = None
 
 
 def is_projected_group(group: dict) -> bool:
@@ -79,54 +158,19 @@ def is_projected_group(group: dict) -> bool:
     return group.get("rank") is not None or group.get("density") is not None
 
 
-def subspace_dim(kind: str, shape: tuple[int, int], side: str) -> int:
-    """How many directions a projector of ``kind`` can select from an (m, n) weight.
-
-    Row/column windows select among m rows / n columns; ``randperm`` and ``random`` among the
-    vectors of their side (left: m, right: n); the spectral kinds among the min(m, n) singular
-    vectors.
-    """
-    m, n = shape
-    if kind == "rows":
-        return m
-    if kind == "columns":
-        return n
-    if kind in ("randperm", "random"):
-        return m if side == "left" else n
-    return min(m, n)
-
-
-def resolve_rank(kind: str, shape: tuple[int, int], side: str, rank: int | None, density: float | None,
-                 rounding: str = "round") -> tuple[str, int]:
-    """Map (projector kind, rank or density) to the effective kind and subspace size of one weight.
-
-    Density ``d`` selects ``round(d * dim)`` directions (entries for ``randk``), where ``dim`` is the
-    size of the projected side (m for left, n for right), as FRUGAL's GaLoreProjector counts; a
-    spectral basis holds at most min(m, n) vectors. A full selection becomes ``full`` (plain
-    Adam, so FRUGAL with density 1 is AdamW), an empty one ``none``. An explicit ``rank`` is in
-    directions; for ``randk`` it means ``rank * max(m, n)`` entries. ``rounding="floor"`` takes
-    ``int(d * dim)`` instead, as FRUGAL's coordinate projector does.
-    """
-    to_size = round if rounding == "round" else math.floor
-    m, n = shape
-    if kind in ("blocks", "full", "none"):
-        return kind, 0
-    if kind == "randk":
-        total = m * n
-        size = to_size(density * total) if rank is None else rank * max(m, n)
-    else:
-        total = subspace_dim(kind, shape, side)
-        side_dim = {"rows": m, "columns": n}.get(kind, m if side == "left" else n)
-        size = to_size(density * side_dim) if rank is None else rank
-    if size >= total:
-        return "full", 0
-    if size <= 0:
-        return "none", 0
-    return kind, int(size)
-
-
 def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
     """Raise one clear ValueError for a bad hyper-parameter of ``group`` before any step runs."""
+    _validate_adam_settings(group)
+    if not is_projected_group(group):
+        return
+    _validate_projection_flags(group)
+    _validate_parts(group)
+    _validate_subspace_settings(group)
+    _validate_rank(group, allow_empty_subspace)
+
+
+def _validate_adam_settings(group: dict) -> None:
+    """lr, eps, weight_decay, eps_style, betas and the parameters' dtype: every group has them."""
     for key in ("lr", "eps", "weight_decay"):
         check_number(key, group[key], low=0)
     if group["eps"] == 0:
@@ -142,8 +186,10 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
         if not p.is_floating_point() or p.is_complex():
             raise ValueError(f"params must be real floating point (fp32, bf16, fp16 or fp64), got a {p.dtype} "
                              f"parameter of shape {tuple(p.shape)}")
-    if not is_projected_group(group):
-        return
+
+
+def _validate_projection_flags(group: dict) -> None:
+    """The scales, flags, seed and orders of a projected group, and how its moments cross a refresh."""
     for key in ("scale", "residual_lr_scale"):
         check_number(key, group[key], low=0)
     for key in ("stagger", "reset_statistics"):
@@ -161,20 +207,16 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
     if group["moment_policy"] != "keep" and group["reset_statistics"]:
         raise ValueError(f"reset_statistics=True is moment_policy='reset'; give one of them, got reset_statistics=True "
                          f"with moment_policy={group['moment_policy']!r}")
-    if group["moment_policy"] == "rotate" and group["projector"] not in DENSE:
-        raise ValueError(f"moment_policy='rotate' needs a dense projector {DENSE} (their bases can be compared), got "
-                         f"projector={group['projector']!r}")
+
+
+def _validate_subspace_settings(group: dict) -> None:
+    """Sign rule, rounding, side, refresh gap, rank or density, and what the projector kind itself needs."""
     if group["sign_rule"] not in SIGN_RULES:
         raise ValueError(f"sign_rule must be one of {SIGN_RULES}, got {group['sign_rule']!r}")
     if group["density_rounding"] not in DENSITY_ROUNDINGS:
         raise ValueError(f"density_rounding must be one of {DENSITY_ROUNDINGS}, got {group['density_rounding']!r}")
-    kind, proj_type = group["projector"], group["proj_type"]
-    if kind not in PROJECTORS:
-        raise ValueError(f"projector must be one of {PROJECTORS}, got {kind!r}")
-    if proj_type not in PROJ_TYPES:
-        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
-    if group["residual"] not in RESIDUALS:
-        raise ValueError(f"residual must be one of {RESIDUALS}, got {group['residual']!r}")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {group['proj_type']!r}")
     gap = group["update_proj_gap"]
     if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
         raise ValueError(f"update_proj_gap must be an integer >= 1, got {gap!r}")
@@ -183,14 +225,12 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
         raise ValueError(f"give either rank or density for a projected group, not both (rank={rank}, density={density})")
     if density is not None and not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
         raise ValueError(f"density must be in (0, 1], got {density!r}")
-    if kind == "blocks" and density is None:
-        raise ValueError("projector 'blocks' needs density in (0, 1] (the fraction of parameters kept active)")
-    if kind == "blocks" and group["block_order"] == "mirror" and group["params"]:
-        n = len(group["params"])
-        k = max(1, round(density * n))
-        if n < 2 or k % 2:
-            raise ValueError(f"block_order 'mirror' activates blocks in pairs, so round(density * n) must be even "
-                             f"with n >= 2; got {k} of n = {n} parameters")
+    KINDS[group["projector"]].check_group(group)
+
+
+def _validate_rank(group: dict, allow_empty_subspace: bool) -> None:
+    """``rank`` is an integer the projector kind can select for each (2-D) parameter of the group."""
+    rank, kind = group.get("rank"), KINDS[group["projector"]]
     min_rank = 0 if allow_empty_subspace else 1
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < min_rank):
         raise ValueError(f"rank must be an integer >= {min_rank}, got {rank!r}")
@@ -200,78 +240,73 @@ def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
                 f"projection needs 2-D parameters, got a {p.dim()}-D parameter of shape {tuple(p.shape)} in a "
                 "group with rank/density; put it in a group without projection keys"
             )
-        if rank is not None and kind not in ("blocks", "full", "none"):
-            side = choose_side(tuple(p.shape), proj_type)
-            dim = subspace_dim(kind, tuple(p.shape), side)
-            if rank >= dim:
-                unit = kind if kind in ("rows", "columns") else ("rows" if side == "left" else "columns")
-                what = "min(m, n)" if dim == min(p.shape) else f"the number of {unit} projector {kind!r} selects from"
-                raise ValueError(
-                    f"rank must be below {what} = {dim} for a parameter of shape {tuple(p.shape)}, got {rank}"
-                )
+        if rank is not None:
+            shape = tuple(p.shape)
+            kind.check_rank(rank, shape, choose_side(shape, group["proj_type"]))
 
 
-# -- 8-bit moments (bitsandbytes blockwise dynamic quantization; works on CPU) -------------------
-_CODES: dict[tuple[bool, str], Tensor] = {}
+def _validate_parts(group: dict) -> None:
+    """The group's part names are registered, they compose, and its moment policy is one they can follow."""
+    kind, inner = group["projector"], group.get("inner", "adam")
+    if kind not in PROJECTORS:
+        raise ValueError(f"projector must be one of {PROJECTORS}, got {kind!r}")
+    if inner not in INNER_RULES:
+        raise ValueError(f"inner must be one of {tuple(sorted(INNER_RULES))}, got {inner!r}")
+    if group.get("output") is not None and group["output"] not in OUTPUT_RULES:
+        raise ValueError(f"output must be None or one of {tuple(sorted(OUTPUT_RULES))}, got {group['output']!r}")
+    if group["residual"] is not None and group["residual"] not in RESIDUAL_RULES:
+        raise ValueError(f"residual must be one of {(None, *sorted(RESIDUAL_RULES))}, got {group['residual']!r}")
+    _validate_composition(group)
+    if group["moment_policy"] == "rotate" and not KINDS[kind].compares_bases:
+        dense = tuple(k for k, ops in KINDS.items() if ops.compares_bases)
+        raise ValueError(f"moment_policy='rotate' needs a dense projector {dense} (their bases can be compared), got "
+                         f"projector={kind!r}")
+    if group["moment_policy"] == "rotate" and not INNER_RULES[inner].rotatable:
+        raise ValueError(f"moment_policy='rotate' needs an inner rule that can rotate its state, got inner={inner!r}")
+    _refuse_keys_of_other_rules(group)
+    # Built once here so that a rule's own settings (natural_history, momentum, ...) are refused at
+    # construction, not at the first step.
+    for cls in group_rule_classes(group):
+        make_rule(cls, group)
 
 
-def _code(signed: bool, device: torch.device) -> Tensor:
-    key = (signed, str(device))
-    if key not in _CODES:
-        import bitsandbytes.functional as bnbf
-
-        _CODES[key] = bnbf.create_dynamic_map(signed=signed).to(device)
-    return _CODES[key]
-
-
-def quantize_moment_(x: Tensor, q: Tensor, absmax: Tensor, *, signed: bool) -> None:
-    """Blockwise 8-bit quantization of fp32 ``x`` into the state tensors ``q`` (uint8) and ``absmax``."""
-    import bitsandbytes.functional as bnbf
-
-    bnbf.quantize_blockwise(x, code=_code(signed, x.device), absmax=absmax, out=q, blocksize=BLOCKSIZE_8BIT)
+def _validate_composition(group: dict) -> None:
+    """The output and residual rules get from the projector what they need, as the projector kind declares it."""
+    kind, output, residual = group["projector"], group.get("output"), group["residual"]
+    if output is not None and OUTPUT_RULES[output].needs_side_shaped_R and not KINDS[kind].side_shaped_R:
+        fitting = tuple(k for k, ops in KINDS.items() if ops.side_shaped_R)
+        raise ValueError(f"output={output!r} reads R per channel of the projected side ((r, n) on the left, (m, r) on "
+                         f"the right), and projector={kind!r} lays R out otherwise; use one of {fitting}")
+    if residual is not None and not KINDS[kind].orthonormal:
+        fitting = tuple(k for k, ops in KINDS.items() if ops.orthonormal)
+        raise ValueError(f"residual={residual!r} updates G - P P^T G, the part of G outside the subspace only for an "
+                         f"orthonormal P, and projector={kind!r} is not orthonormal; use one of {fitting}")
 
 
-def dequantize_moment(q: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
-    """fp32 values of a blockwise-quantized moment."""
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_blockwise(q, absmax=absmax, code=_code(signed, q.device), blocksize=BLOCKSIZE_8BIT)
-
-
-def _zeros_moments(state: dict, shape: tuple[int, ...], device: torch.device, eight_bit: bool) -> None:
-    numel = math.prod(shape)
-    if eight_bit and numel >= MIN_8BIT_NUMEL:
-        blocks = (numel + BLOCKSIZE_8BIT - 1) // BLOCKSIZE_8BIT
-        for name in ("exp_avg", "exp_avg_sq"):
-            # code 127 of the signed map and 0 of the unsigned map are the value 0 with absmax 0 anyway
-            state[f"{name}_q"] = torch.zeros(shape, dtype=torch.uint8, device=device)
-            state[f"{name}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=device)
-    else:
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=device)
+def group_rule_classes(group: dict) -> list[type]:
+    """The registered inner and output rule classes ``group`` names (names not registered are left out)."""
+    classes = [INNER_RULES.get(group.get("inner", "adam"))]
+    if group.get("output") is not None:
+        classes.append(OUTPUT_RULES.get(group["output"]))
+    return [cls for cls in classes if cls is not None]
 
 
-def _drop_moments(state: dict) -> None:
-    for key in ("exp_avg", "exp_avg_sq", "exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"):
-        state.pop(key, None)
+def _refuse_keys_of_other_rules(group: dict) -> None:
+    """A key of a registered rule that this group's rules do not take would be silently ignored: refuse it.
 
-
-def _has_moments(state: dict) -> bool:
-    return "exp_avg" in state or "exp_avg_q" in state
-
-
-def _open_moments(state: dict) -> tuple[Tensor, Tensor, bool]:
-    """fp32 views (or dequantized copies) of the moments, and whether they must be written back."""
-    if "exp_avg" in state:
-        return state["exp_avg"], state["exp_avg_sq"], False
-    m = dequantize_moment(state["exp_avg_q"], state["exp_avg_absmax"], signed=True)
-    v = dequantize_moment(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False)
-    return m, v, True
-
-
-def _close_moments(state: dict, m: Tensor, v: Tensor) -> None:
-    quantize_moment_(m, state["exp_avg_q"], state["exp_avg_absmax"], signed=True)
-    quantize_moment_(v, state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False)
+    Constructor defaults land in every projected group, so a constructor key must be taken by the rule of
+    every projected group too.
+    """
+    roles = (("inner rule", INNER_RULES, group.get("inner", "adam")), ("output rule", OUTPUT_RULES, group.get("output")))
+    taken = {k for cls in group_rule_classes(group) for k in rule_group_defaults(cls)}
+    for key in group:
+        if key in taken:
+            continue
+        for role, table, mine in roles:
+            owner = next((name for name, cls in sorted(table.items()) if key in rule_group_defaults(cls)), None)
+            if owner is not None:
+                takes = sorted(rule_group_defaults(table[mine])) if mine is not None else []
+                raise ValueError(f"{key} is a setting of {role} {owner!r}; this group's {role} {mine!r} takes {takes}")
 
 
 def _kernels_available(p: Tensor) -> bool:
@@ -322,43 +357,53 @@ def _with_added_keys(group: dict) -> dict:
         group.setdefault("density_rounding", "round")
         group.setdefault("sign_rule", "align")  # before it, signs were the solver's: the fix applies on resume
         group.setdefault("moment_policy", "keep")
+        group.setdefault("inner", "adam")  # before the parts were named, every inner rule was Adam
+        group.setdefault("output", None)
+        for cls in group_rule_classes(group):  # a rule key saved before the rule took it: the rule ran its default
+            for key, value in rule_group_defaults(cls).items():
+                group.setdefault(key, value)
     return group
 
 
 # Group settings a loaded state must match (``SubspaceAdamW.check_state_dict``): they choose the
 # algorithm (projector, residual rule, when and how the subspace changes) or the shape of the
 # state (rank, density and its rounding, the projected side).
-FIXED_PROJECTION_KEYS = ("projector", "rank", "density", "density_rounding", "proj_type", "residual",
-                         "update_proj_gap", "reset_statistics", "block_order")
+FIXED_PROJECTION_KEYS = ("projector", "rank", "density", "density_rounding", "proj_type", "inner", "output",
+                         "residual", "update_proj_gap", "reset_statistics", "block_order")
 
 
 def fixed_group_keys(group: dict) -> tuple[str, ...]:
     """The settings of ``group`` that a loaded state must match (``rank`` and ``density`` also say
-    whether the group is projected at all)."""
-    return ("rank", "density", *(FIXED_PROJECTION_KEYS if is_projected_group(group) else ()))
+    whether the group is projected at all): the projection's, and every key of the group's inner and
+    output rules but those a rule declares resumable (``resumable_keys``), since a rule's setting may
+    change what its state means (SGD's ``momentum`` buffer, Natural GaLore's ``natural_history`` stack,
+    APOLLO's ``apollo_mode``)."""
+    if not is_projected_group(group):
+        return ("rank", "density")
+    rule_keys = (k for cls in group_rule_classes(group) for k in rule_group_defaults(cls) if k not in cls.resumable_keys)
+    return ("rank", "density", *FIXED_PROJECTION_KEYS, *rule_keys)
 
 
-_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
-_KIND_OF_KEY = {"proj_P": "stored projector", "proj_index": "coordinate indices",
-                **{k: f"8-bit moments (moments_8bit=True and {MIN_8BIT_NUMEL} entries or more)"
-                   for k in _MOMENT_KEYS if k.endswith(("_q", "_absmax"))},
-                "exp_avg": "fp32 moments", "exp_avg_sq": "fp32 moments"}
-
-
-def _coordinate_bound(kind: str, shape: tuple[int, int], side: str) -> int:
-    """How many coordinates a coordinate projector selects from (entries for randk)."""
-    m, n = shape
-    return m * n if kind == "randk" else subspace_dim(kind, shape, side)
+def _state_key_kinds(specs) -> dict[str, str]:
+    """Every state key a parameter may hold under an inner rule's ``specs``, with what it is (for messages)."""
+    kinds = {"proj_P": "stored projector", "proj_index": "coordinate indices"}
+    for spec in specs:
+        fp32, *eight_bit = stored_keys(spec)
+        kinds[fp32] = "fp32 moments"
+        for key in eight_bit:
+            kinds[key] = f"8-bit moments (moments_8bit=True and {MIN_8BIT_NUMEL} entries or more)"
+    return kinds
 
 
 class SubspaceAdamW(torch.optim.Optimizer):
     """AdamW whose projected groups keep moments in a subspace of each 2-D gradient (see module doc).
 
     ``fused``: None (auto: fused Triton kernels iff the parameter is on CUDA and triton imports),
-    True (always call ``scrimp.optim.kernels``), False (torch path). The kernels take the dense
-    projected steps (svd/gram/rsvd/random) that get the full gradient, with any residual rule; the other
-    steps stay on the torch path whatever ``fused`` says: coordinate projectors, full/blocks/none,
-    layer-wise accumulated low-rank gradients, 8-bit moments and plain groups. ``moments_8bit`` stores the
+    True (always call ``scrimp.optim.kernels``), False (torch path). The kernels take the steps whose
+    composition ``kernels.fuses`` declares (``kernels.FUSED``: a dense projector, Adam, fp32 moments,
+    back-projection and a built-in residual rule) and that get the full gradient; every other step stays
+    on the torch path whatever ``fused`` says (coordinate projectors, full/blocks/none, layer-wise
+    accumulated low-rank gradients, 8-bit moments, other inner/output/residual rules, plain groups). ``moments_8bit`` stores the
     moments blockwise-quantized with bitsandbytes (Dettmers et al., 2022, "8-bit optimizers").
     ``allow_empty_subspace`` lets ``rank=0`` mean "no state at all" (FRUGAL's density -> 0 limit).
     ``check_finite`` (default True) makes ``step()`` raise, before it changes any weight or state,
@@ -386,15 +431,23 @@ class SubspaceAdamW(torch.optim.Optimizer):
         check_finite: bool = True,
         **projection_defaults: Any,
     ):
-        unknown = set(projection_defaults) - set(PROJECTION_DEFAULTS)
+        unknown = set(projection_defaults) - set(PROJECTION_DEFAULTS) - rule_keys()
+        group_only = sorted(unknown & {"rank", "density"})
+        if group_only:  # they say which groups are projected, so they cannot be a default for every group
+            raise ValueError(f"{group_only[0]} goes in a param group (e.g. [{{'params': [...], '{group_only[0]}': ...}}] "
+                             "or scrimp.optim.param_groups(model, ...)), not in the constructor")
         if unknown:
-            raise ValueError(f"unknown optimizer argument(s) {sorted(unknown)}; projection keys are {list(PROJECTION_KEYS)}")
+            raise ValueError(f"unknown optimizer argument(s) {sorted(unknown)}; projection keys are {list(PROJECTION_KEYS)} "
+                             f"and the keys of registered rules {sorted(rule_keys())}")
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self._projection_defaults = {**PROJECTION_DEFAULTS, **projection_defaults}
         self._allow_empty = allow_empty_subspace
         self.fused = fused
         self.moments_8bit = moments_8bit
+        self.store = moment_store(moments_8bit)
+        self._plain_parts = Parts(inner=AdamRule(), residual=None, output=None, store=self.store)
+        self._parts: dict[int, tuple[tuple, Parts]] = {}
         if not isinstance(check_finite, bool):
             raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
         self.check_finite = check_finite
@@ -417,6 +470,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
         if is_projected_group(group):
             for key, value in self._projection_defaults.items():
                 group.setdefault(key, value)
+            for key, value in self._rule_defaults(group).items():
+                group.setdefault(key, value)
         else:
             group.pop("rank", None)
             group.pop("density", None)
@@ -429,11 +484,33 @@ class SubspaceAdamW(torch.optim.Optimizer):
         super().add_param_group(group)
         self._slots = None
 
+    def _rule_defaults(self, group: dict) -> dict[str, Any]:
+        """The keys the group's inner and output rules declare, with the engine's or the rules' defaults."""
+        classes = [INNER_RULES.get(group["inner"]), OUTPUT_RULES.get(group["output"])]
+        return {k: self._projection_defaults.get(k, v) for cls in classes if cls is not None
+                for k, v in rule_group_defaults(cls).items()}
+
+    def parts(self, group: dict) -> Parts:
+        """The part objects of ``group``'s steps (cached per group; rebuilt when a part's key changes)."""
+        if not is_projected_group(group):
+            return self._plain_parts
+        inner_cls, output_cls = INNER_RULES[group["inner"]], OUTPUT_RULES.get(group["output"])
+        declared = [k for cls in (inner_cls, output_cls) if cls is not None for k, _ in _rule_group_defaults(cls)]
+        key = (group["inner"], group["output"], group["residual"], *(group.get(k) for k in declared))
+        cached = self._parts.get(id(group))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        residual = None if group["residual"] is None else RESIDUAL_RULES[group["residual"]]
+        output = None if output_cls is None else make_rule(output_cls, group)
+        parts = Parts(inner=make_rule(inner_cls, group), residual=residual, output=output, store=self.store)
+        self._parts[id(group)] = (key, parts)
+        return parts
+
     def _stagger_slot(self, p: Tensor) -> tuple[int, int]:
         """(position, count) of ``p`` among all stagger-able projected parameters of this optimizer."""
         if self._slots is None:
             order = [
-                q for g in self.param_groups if is_projected_group(g) and g["projector"] in DENSE + COORDINATE
+                q for g in self.param_groups if is_projected_group(g) and KINDS[g["projector"]].low_rank
                 for q in g["params"]
             ]
             self._slots = {q: (i, len(order)) for i, q in enumerate(order)}
@@ -463,16 +540,31 @@ class SubspaceAdamW(torch.optim.Optimizer):
         return proj
 
     # -- layer-wise hooks use these ------------------------------------------------------------------
+    def low_rank_shape(self, p: Tensor, group: dict) -> tuple[int, ...] | None:
+        """The shape of ``p``'s projected gradient under ``group``'s settings (None: not projected).
+
+        Computed from the settings alone, without ``projector()``, which would add an entry to ``p``'s
+        state (drivers ask this while checking a state they are about to load).
+        """
+        if not is_projected_group(group):
+            return None
+        shape = (p.shape[0], p.shape[1])
+        side = choose_side(shape, group["proj_type"])
+        kind, rank = resolve_rank(group["projector"], shape, side, group.get("rank"), group.get("density"),
+                                  group["density_rounding"])
+        return tuple(Projector(kind=kind, shape=shape, rank=rank, side=side, gap=group["update_proj_gap"]).moment_shape())
+
     def accumulates_low_rank(self, p: Tensor, group: dict) -> bool:
         """Whether the next step of ``p`` can take a summed projected gradient instead of the full one.
 
-        True for dense/coordinate projectors without a residual rule when no refresh is due; a
-        refresh or a residual needs the full gradient, so the caller keeps it then.
+        True for dense/coordinate projectors without a residual or output rule when no refresh is
+        due; a refresh, a residual or an output rule (APOLLO scales G itself) needs the full
+        gradient, so the caller keeps it then.
         """
-        if not is_projected_group(group) or group["residual"] is not None:
+        if not is_projected_group(group) or group["residual"] is not None or group["output"] is not None:
             return False
         proj = self.projector(p, group)
-        if proj.kind not in DENSE + COORDINATE:
+        if not proj.ops.low_rank:
             return False
         state = self.state[p]
         return not proj.refresh_due(state, state.get("step", 0))
@@ -481,13 +573,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
     def project_grad(self, p: Tensor, group: dict, grad: Tensor) -> Tensor:
         """Low-rank coordinates of ``grad`` in the current subspace of ``p`` (fp32)."""
         proj = self.projector(p, group)
-        state = self.state[p]
-        if proj.dense:
-            return F.project(grad.float(), proj.matrix(state, p.device), proj.side)
-        dim = proj.coordinate_dim
-        index = proj.index(state, p.device)
-        src = grad.reshape(-1) if dim is None else grad
-        return src.index_select(0 if dim is None else dim, index).float()
+        ops = proj.ops
+        basis = ops.basis(proj, self.state[p], p.device)
+        return ops.project(proj, ops.working_grad(grad, basis), basis).float()
 
     # -- stepping --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -537,7 +625,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
         )
 
     def _plain_foreach(self, group: dict) -> None:
-        """Plain AdamW for a whole group with foreach ops, batched by step count."""
+        """Plain AdamW for a whole group with foreach ops, batched by step count (8-bit moments: one by one)."""
+        specs = self._plain_parts.inner.moment_specs()
         by_step: dict[int, list[Tensor]] = {}
         for p in group["params"]:
             if p.grad is None:
@@ -546,120 +635,166 @@ class SubspaceAdamW(torch.optim.Optimizer):
             if "step" not in state:
                 state["step"] = 0
                 state["moment_step"] = 0
-                _zeros_moments(state, tuple(p.shape), p.device, self.moments_8bit)
+                self.store.zeros(state, specs, tuple(p.shape), p.device)
             by_step.setdefault(state["moment_step"] + 1, []).append(p)
         beta1, beta2 = group["betas"]
         for step, params in by_step.items():
-            dense = [p for p in params if "exp_avg" in self.state[p]]
+            dense = [p for p in params if self.store.holds_fp32(self.state[p], specs)]
+            dense_ids = {id(p) for p in dense}
             for p in params:
                 state = self.state[p]
                 state["step"] += 1
                 state["moment_step"] = step
-                if "exp_avg" not in state:
-                    self._full_adam(p, group, p.grad, state, scale=1.0)
+                if id(p) not in dense_ids:
+                    self._run_stages(self._plain_step(p, group, p.grad), None)
             F.adam_step_foreach(
                 dense, [p.grad for p in dense], [self.state[p]["exp_avg"] for p in dense],
                 [self.state[p]["exp_avg_sq"] for p in dense], step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
                 eps=F.hf_eps(group["eps"], step, beta2, group["eps_style"]), weight_decay=group["weight_decay"],
             )
 
-    def _full_adam(self, p: Tensor, group: dict, grad: Tensor, state: dict, *, scale: float) -> None:
-        """Adam on the whole matrix (density 1, active blocks, 8-bit plain parameters)."""
-        beta1, beta2 = group["betas"]
-        m, v, write_back = _open_moments(state)
-        step = state["moment_step"]
-        N = F.adam_direction_(grad, m, v, step=step, beta1=beta1, beta2=beta2,
-                              eps=F.hf_eps(group["eps"], step, beta2, group["eps_style"]))
-        if write_back:
-            _close_moments(state, m, v)
-        with F.working_copy(p) as W:
-            F.decay_(W, lr=group["lr"], weight_decay=group["weight_decay"])
-            F.apply_update_(W, N, -group["lr"] * scale)
+    def _plain_step(self, p: Tensor, group: dict, grad: Tensor) -> ParamStep:
+        """The stages' record of a plain-group parameter whose counters are already advanced."""
+        proj = self._projectors.get(p) or self._full_projector(p)
+        state = self.state[p]
+        return ParamStep(p=p, group=group, grad=grad, state=state, projector=proj, parts=self._plain_parts,
+                         hp=self._hyper(group, state, proj), active=True)
 
+    def _full_projector(self, p: Tensor) -> Projector:
+        """The identity projector of a plain-group parameter (any shape): Adam on the whole tensor."""
+        proj = self._projectors[p] = Projector(kind="full", shape=tuple(p.shape), rank=0, side="left", gap=1)
+        return proj
+
+    # -- the step, in stages ------------------------------------------------------------------------
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None = None) -> None:
-        """Step one parameter of ``group`` with its full ``grad`` or, between refreshes, a projected one."""
+        """Step one parameter of ``group`` with its full ``grad`` or, between refreshes, a projected one.
+
+        ``begin``, ``run_inner`` and ``finish``, or the fused kernels where ``kernels.fuses`` declares
+        the step's composition (and ``fused`` allows them).
+        """
+        s = self._start(p, group, grad, low_rank_grad)
+        if low_rank_grad is None and self._fuses(s):
+            self._fused_step(s)
+            return
+        self._run_stages(s, low_rank_grad)
+
+    def _run_stages(self, s: ParamStep, low_rank_grad: Tensor | None) -> None:
+        self._project(s, low_rank_grad)
+        self.finish(s, self.run_inner(s))
+
+    @torch.no_grad()
+    def begin(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None = None) -> ParamStep:
+        """Stage 1: advance the parameter's counters and subspace (a refresh when due, under the group's
+        ``moment_policy``; a block switch), then project: ``s.R`` is ``low_rank_grad`` or the projection
+        of ``grad`` (None when the parameter has no subspace this step)."""
+        s = self._start(p, group, grad, low_rank_grad)
+        self._project(s, low_rank_grad)
+        return s
+
+    def run_inner(self, s: ParamStep) -> Tensor | None:
+        """Stage 2: the inner rule's direction N from ``s.R`` and its moments (opened from the store and
+        closed again); None for a step without a subspace."""
+        if s.R is None:
+            return None
+        specs = s.parts.inner.moment_specs()
+        moments = s.parts.store.open(s.state, specs)
+        N = s.parts.inner.direction(s.R, moments, s.hp)
+        s.parts.store.close(s.state, specs, moments)
+        return N
+
+    @torch.no_grad()
+    def finish(self, s: ParamStep, N: Tensor | None) -> None:
+        """Stage 3: decay, ``-lr scale`` times the back-projected N (or the output rule's full-size update),
+        and the residual rule's update; a step without a subspace (N None) applies the residual rule alone."""
+        hp, rule = s.hp, s.parts.residual
+        if N is None:
+            update = None if rule is None else rule.alone(s.grad)
+            F.write_residual_only_(s.p, update, lr=hp.lr, weight_decay=hp.weight_decay,
+                                   residual_lr_scale=hp.residual_lr_scale)
+            return
+        proj, ops = s.projector, s.projector.ops
+        residual = None
+        if rule is not None:
+            res = ops.residual(proj, s.grad, s.R, s.basis, N.dtype)
+            residual = None if res is None else rule.update(res, s.R, N)
+        if s.parts.output is None:
+            ops.write_(proj, s.p, N, s.basis, hp, residual)
+        else:
+            F.write_full_step_(s.p, s.parts.output.full_update(s.grad, s.R, N, s.state, hp), hp, residual)
+
+    def open_moments(self, s: ParamStep) -> dict[str, Tensor]:
+        """fp32 tensors of the inner rule's moments for ``s`` (an offloaded inner rule reads copies of them)."""
+        return s.parts.store.open(s.state, s.parts.inner.moment_specs())
+
+    def close_moments(self, s: ParamStep, moments: dict[str, Tensor]) -> None:
+        """Store moments opened by ``open_moments`` (after they were changed out of place, copy them in first)."""
+        s.parts.store.close(s.state, s.parts.inner.moment_specs(), moments)
+
+    def _start(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None) -> ParamStep:
+        """Counters, subspace and hyper-parameters of this step; no projection yet."""
         if grad is not None and grad.is_sparse:
             raise RuntimeError(SPARSE_GRADIENTS)
-        state = self.state[p]
-        if not is_projected_group(group):
-            if "step" not in state:
-                state["step"] = 0
-                state["moment_step"] = 0
-                _zeros_moments(state, tuple(p.shape), p.device, self.moments_8bit)
-            state["step"] += 1
-            state["moment_step"] += 1
-            self._full_adam(p, group, grad, state, scale=1.0)
-            return
-        proj = self.projector(p, group)
-        if (self.fused is True and proj.dense and low_rank_grad is None and not p.is_cuda
-                and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")):
-            raise ValueError(f"fused=True runs the Triton kernels, which need CUDA parameters (or TRITON_INTERPRET=1 set "
-                             f"before import), got a {p.device.type} parameter; use fused=None or fused=False")
+        projected = is_projected_group(group)
+        proj = self.projector(p, group) if projected else (self._projectors.get(p) or self._full_projector(p))
+        if low_rank_grad is None:
+            self._refuse_kernels_off_cuda(p, proj)
+        parts, state = self.parts(group), self.state[p]
+        active = self._advance(p, group, proj, parts, state, grad)
+        basis = proj.ops.basis(proj, state, p.device) if active else None
+        return ParamStep(p=p, group=group, grad=grad, state=state, projector=proj, parts=parts,
+                         hp=self._hyper(group, state, proj), active=active, basis=basis)
+
+    def _advance(self, p: Tensor, group: dict, proj: Projector, parts: Parts, state: dict,
+                 grad: Tensor | None) -> bool:
+        """Count the step and move the subspace as the projector's schedule says; whether p has one now."""
         t = state.get("step", 0)
-        lr, rule, rscale = group["lr"], group["residual"], group["residual_lr_scale"]
-        if proj.kind == "none":
-            state["step"] = t + 1
-            F.residual_only_step_torch(p, grad, lr=lr, weight_decay=group["weight_decay"], rule=rule,
-                                       residual_lr_scale=rscale)
-            return
-        if proj.kind in ("full", "blocks"):
-            cycle = t // group["update_proj_gap"]
-            active = proj.kind == "full" or self._block_active(p, group, cycle)
-            state["step"] = t + 1
-            if not active:
-                _drop_moments(state)  # BAdam: an inactive block holds no state
-                state["moment_step"] = 0
-                F.residual_only_step_torch(p, grad, lr=lr, weight_decay=group["weight_decay"], rule=rule,
-                                           residual_lr_scale=rscale)
-                return
-            if proj.kind == "blocks" and state.get("block_cycle") != cycle:
-                # FRUGAL re-initializes every active block at a switch, also one that stays active.
-                _drop_moments(state)
-                state["block_cycle"] = cycle
-            if not _has_moments(state):
-                _zeros_moments(state, tuple(p.shape), p.device, self.moments_8bit)
-                state["moment_step"] = 0
-            state["moment_step"] += 1
-            self._full_adam(p, group, grad, state, scale=group["scale"])
-            return
-        if proj.refresh_due(state, t):
-            self._refresh(p, group, proj, state, grad)
-        if not _has_moments(state):
-            _zeros_moments(state, proj.moment_shape(), p.device, self.moments_8bit)
-            state["moment_step"] = 0
+        event = proj.schedule(state, t, lambda cycle: self._block_active(p, group, cycle))
+        specs = parts.inner.moment_specs()
         state["step"] = t + 1
+        if event == PAUSE:  # BAdam: an inactive block holds no state
+            parts.store.drop(state, specs)
+            state["moment_step"] = 0
+        if event in (PAUSE, EMPTY):
+            return False
+        if event == REFRESH:
+            self._refresh(p, group, proj, parts, state, grad)
+        elif event == RESTART:
+            parts.store.drop(state, specs)
+        if not parts.store.has(state, specs):
+            parts.store.zeros(state, specs, proj.moment_shape(), p.device)
+            state["moment_step"] = 0
         state["moment_step"] += 1
+        return True
+
+    def _hyper(self, group: dict, state: dict, proj: Projector) -> StepHyper:
+        """The ``StepHyper`` of this step (plain groups: scale 1, no residual)."""
         beta1, beta2 = group["betas"]
-        step = state["moment_step"]
-        hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=F.hf_eps(group["eps"], step, beta2, group["eps_style"]),
-                     weight_decay=group["weight_decay"], scale=group["scale"])
-        m, v, write_back = _open_moments(state)
-        if proj.dense:
-            P = proj.matrix(state, p.device)
-            if low_rank_grad is not None:
-                F.low_rank_adam_(p, low_rank_grad, P, m, v, side=proj.side, **hyper)
-            elif self._use_kernels(p, write_back):
-                from . import kernels  # lazy: only when fused is on (Triton is heavy to import)
+        step = state.get("moment_step", 0)
+        projected = is_projected_group(group)
+        return StepHyper(step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
+                         eps=F.hf_eps(group["eps"], step, beta2, group["eps_style"]),
+                         weight_decay=group["weight_decay"], scale=group["scale"] if projected else 1.0,
+                         side=proj.side, residual=group["residual"] if projected else None,
+                         residual_lr_scale=group["residual_lr_scale"] if projected else 1.0)
 
-                # fused=True asks for Triton explicitly (an error on a CPU tensor outside the
-                # interpreter); auto lets the kernels package choose.
-                backend = "triton" if self.fused is True else "auto"
-                kernels.projected_adam_step(p, grad, P, m, v, side=proj.side, residual=rule,
-                                            residual_lr_scale=rscale, backend=backend, **hyper)
-            else:
-                F.projected_adam_step_torch(p, grad, P, m, v, side=proj.side, residual=rule,
-                                            residual_lr_scale=rscale, **hyper)
+    def _project(self, s: ParamStep, low_rank_grad: Tensor | None) -> None:
+        """``s.R`` from ``low_rank_grad`` or by projecting ``s.grad`` (kept as the projector works on it)."""
+        if not s.active:
+            return
+        ops = s.projector.ops
+        if low_rank_grad is not None:
+            R = low_rank_grad
         else:
-            F.coordinate_adam_step_torch(p, grad, proj.index(state, p.device), m, v, dim=proj.coordinate_dim,
-                                         residual=rule, residual_lr_scale=rscale, R=low_rank_grad, **hyper)
-        if write_back:
-            _close_moments(state, m, v)
+            s.grad = ops.working_grad(s.grad, s.basis)
+            R = ops.project(s.projector, s.grad, s.basis)
+        s.R = R if R.dtype == torch.float32 else R.float()  # the moments are fp32
 
-    def _refresh(self, p: Tensor, group: dict, proj: Projector, state: dict, grad: Tensor | None) -> None:
+    def _refresh(self, p: Tensor, group: dict, proj: Projector, parts: Parts, state: dict,
+                 grad: Tensor | None) -> None:
         """A new subspace from ``grad``, and the moments carried across it by the group's ``moment_policy``:
         keep them as they are (galore-torch), reset them (FRUGAL; ``reset_statistics=True``) or rotate them
-        into the new basis (``functional.rotate_moments_``)."""
+        into the new basis (the inner rule's ``rotate``; Adam's is ``functional.rotate_moments_``)."""
         if grad is None:
             raise RuntimeError("a projector refresh needs the full gradient, got only a projected one")
         first = "proj_refresh" not in state
@@ -667,25 +802,45 @@ class SubspaceAdamW(torch.optim.Optimizer):
         previous = proj.matrix(state, p.device) if policy == "rotate" and not first else None
         proj.refresh(grad, state)
         state["proj_offset"] = proj.offset
+        specs = parts.inner.moment_specs()
         if first or policy == "reset":
-            _drop_moments(state)
-        elif previous is not None and _has_moments(state):
-            m, v, write_back = _open_moments(state)
-            F.rotate_moments_(m, v, proj.matrix(state, p.device), previous, proj.side)
-            if write_back:
-                _close_moments(state, m, v)
+            parts.store.drop(state, specs)
+        elif previous is not None and parts.store.has(state, specs):
+            moments = parts.store.open(state, specs)
+            parts.inner.rotate(moments, F.basis_overlap(proj.matrix(state, p.device), previous), proj.side)
+            parts.store.close(state, specs, moments)
 
-    def _use_kernels(self, p: Tensor, eight_bit: bool) -> bool:
-        """Whether a dense projected step with the full gradient goes to ``scrimp.optim.kernels``.
-
-        Every residual rule (None, "sign_sgd", "sgd", "scaled") is supported by the kernels; only
-        8-bit moments (not implemented there) keep the torch path.
-        """
-        if self.fused is False or eight_bit:
+    # -- the fused kernels ----------------------------------------------------------------------------
+    def _fuses(self, s: ParamStep) -> bool:
+        """Whether ``fused`` and the kernels' declaration (``kernels.fuses``) send this step to the kernels."""
+        if not s.active or self.fused is False or (self.fused is None and not _kernels_available(s.p)):
             return False
-        if self.fused is None:
-            return _kernels_available(p)
-        return True
+        from . import kernels  # lazy: only when fused is on (Triton is heavy to import)
+
+        store = s.parts.store.format_of(s.state, s.parts.inner.moment_specs())
+        output = None if s.parts.output is None else s.parts.output.name
+        residual = None if s.parts.residual is None else s.parts.residual.name
+        return kernels.fuses(s.projector.kind, inner=s.parts.inner.name, store=store, output=output,
+                             residual=residual)
+
+    def _fused_step(self, s: ParamStep) -> None:
+        from . import kernels
+
+        # fused=True asks for Triton explicitly (an error on a CPU tensor outside the interpreter);
+        # auto lets the kernels package choose.
+        backend = "triton" if self.fused is True else "auto"
+        kernels.fused_step(s.p, s.grad, s.basis, self.open_moments(s), s.hp, backend)
+
+    def _refuse_kernels_off_cuda(self, p: Tensor, proj: Projector) -> None:
+        """fused=True on a CPU parameter outside Triton's interpreter: one sentence before any state changes."""
+        if self.fused is not True or p.is_cuda:
+            return
+        from . import kernels
+
+        if (proj.kind in kernels.FUSED.projectors
+                and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")):
+            raise ValueError(f"fused=True runs the Triton kernels, which need CUDA parameters (or TRITON_INTERPRET=1 set "
+                             f"before import), got a {p.device.type} parameter; use fused=None or fused=False")
 
     def _block_active(self, p: Tensor, group: dict, cycle: int) -> bool:
         """Whether ``p`` is among the ``round(density * n)`` active parameters of its group in ``cycle``.
@@ -735,9 +890,11 @@ class SubspaceAdamW(torch.optim.Optimizer):
 
         Checked: the class (tagged, or inferred from the keys of a state dict saved before the tag);
         the group structure; each group's settings that fix the algorithm or the layout of the
-        state (``fixed_group_keys``); every state tensor's shape against its parameter and those
-        settings (8-bit moments or fp32, the projected shape, the projector's (dim, rank),
-        coordinate indices against their bound); the counters. Settings a resume may change pass
+        state (``fixed_group_keys``: the projection's, and the inner and output rules' own keys
+        unless a rule declares them resumable); every state tensor's shape against its parameter
+        and those settings (8-bit moments or fp32, history stacks, the projected shape, the
+        projector's (dim, rank), coordinate indices against their bound, an output rule's state,
+        and no state of a rule the group does not run); the counters. Settings a resume may change pass
         and are restored from the state dict, as torch does: lr, betas, eps and eps_style (where eps
         enters the denominator: numerics of the same rule), weight_decay, GaLore's
         ``scale`` and the residual's lr scale (the schedule and the step size, which schedulers
@@ -762,34 +919,43 @@ class SubspaceAdamW(torch.optim.Optimizer):
         Expect = state_check.Expect
         spec = {k: Expect(integer=True) for k in ("step", "moment_step", "proj_refresh", "proj_offset", "proj_seed",
                                                   "block_cycle")}
-        for key in ("proj_P", "proj_index", *_MOMENT_KEYS):
-            spec[key] = Expect(absent=True, why=f"this optimizer keeps no {_KIND_OF_KEY[key]} for it")
-        shape, why = tuple(p.shape), "the parameter's shape"
-        if not is_projected_group(group):
-            kind, rank, side = "full", 0, ""
-        else:
-            side = choose_side(shape, group["proj_type"])
-            kind, rank = resolve_rank(group["projector"], shape, side, group.get("rank"), group.get("density"),
-                                      group["density_rounding"])
-        if kind == "none":
+        parts = self.parts(group)
+        specs = parts.inner.moment_specs()
+        # Every registered rule's state is refused where this group's rules keep none of it.
+        for key, what in _state_key_kinds((*declared_moment_specs(), *specs)).items():
+            spec[key] = Expect(absent=True, why=f"this optimizer keeps no {what} for it")
+        for cls in OUTPUT_RULES.values():
+            for key in cls.state_keys:
+                spec[key] = Expect(absent=True, why=f"it belongs to output rule {cls.name!r}, which this group has not")
+        proj = self._described_projector(p, group)
+        if not proj.ops.has_moments:
             return spec
-        if kind not in ("full", "blocks"):
-            proj = Projector(kind=kind, shape=shape, rank=rank, side=side, gap=group["update_proj_gap"])
-            shape, why = proj.moment_shape(), f"the projected shape of {tuple(p.shape)} at {kind} size {rank}"
-            dim = p.shape[0] if side == "left" else p.shape[1]
-            if kind in ("svd", "gram", "rsvd"):
-                spec["proj_P"] = Expect(shape=(dim, rank), why=f"the {side} side's {dim} by rank {rank}")
-            elif kind in COORDINATE:
-                spec["proj_index"] = Expect(shape=(rank,), below=_coordinate_bound(kind, tuple(p.shape), side),
-                                            why=f"{rank} selected coordinates")
-        numel = math.prod(shape)
-        if self.moments_8bit and numel >= MIN_8BIT_NUMEL:
-            blocks = Expect(shape=(-(-numel // BLOCKSIZE_8BIT),), why=f"one absmax per {BLOCKSIZE_8BIT} entries")
-            spec.update(exp_avg_q=Expect(shape=shape, why=why), exp_avg_sq_q=Expect(shape=shape, why=why),
-                        exp_avg_absmax=blocks, exp_avg_sq_absmax=blocks)
-        else:
-            spec.update(exp_avg=Expect(shape=shape, why=why), exp_avg_sq=Expect(shape=shape, why=why))
+        for key, (shape, below, why) in proj.ops.state_shapes(proj).items():
+            spec[key] = Expect(shape=shape, below=below, why=why)
+        spec.update(self._moment_expectations(p, proj, specs))
+        if parts.output is not None:
+            for key, shape in parts.output.state_shapes(tuple(p.shape)).items():
+                spec[key] = Expect(shape=shape, why=f"output rule {parts.output.name!r}")
         return spec
+
+    def _moment_expectations(self, p: Tensor, proj: Projector, specs) -> dict[str, state_check.Expect]:
+        """The shapes of the inner rule's state in this optimizer's store (history stacks and 8-bit forms too)."""
+        shape = proj.moment_shape()
+        why = (f"the projected shape of {tuple(p.shape)} at {proj.kind} size {proj.rank}" if proj.ops.low_rank
+               else "the parameter's shape")
+        return {key: state_check.Expect(shape=key_shape, why=f"one absmax per {BLOCKSIZE_8BIT} entries"
+                                        if key.endswith("_absmax") else why)
+                for key, key_shape in self.store.expected_shapes(specs, shape).items()}
+
+    def _described_projector(self, p: Tensor, group: dict) -> Projector:
+        """The projector ``group`` gives ``p`` (identity for plain groups), built without touching the state."""
+        shape = tuple(p.shape)
+        if not is_projected_group(group):
+            return Projector(kind="full", shape=shape, rank=0, side="left", gap=1)
+        side = choose_side(shape, group["proj_type"])
+        kind, rank = resolve_rank(group["projector"], shape, side, group.get("rank"), group.get("density"),
+                                  group["density_rounding"])
+        return Projector(kind=kind, shape=shape, rank=rank, side=side, gap=group["update_proj_gap"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict that ``check_state_dict`` accepts (else nothing changes), keeping every
@@ -816,11 +982,11 @@ class SubspaceAdamW(torch.optim.Optimizer):
                     for k, v in saved_state[pid].items()
                 }
         for group in self.param_groups:  # blocks states saved before block_cycle existed keep their moments
-            if is_projected_group(group) and group["projector"] == "blocks":
-                for p in group["params"]:
-                    state = self.state[p]
-                    if _has_moments(state) and "block_cycle" not in state:
-                        state["block_cycle"] = (state["step"] - 1) // group["update_proj_gap"]
+            specs = self.parts(group).inner.moment_specs()
+            for p in group["params"]:
+                state = self.state[p]
+                if self._described_projector(p, group).ops.cycles_blocks and self.store.has(state, specs):
+                    state.setdefault("block_cycle", (state["step"] - 1) // group["update_proj_gap"])
         self._projectors.clear()
         self._random_blocks.clear()
         self._slots = None

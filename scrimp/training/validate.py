@@ -382,6 +382,13 @@ def _check_manual_modes(flat: dict) -> None:
             f"module.grad_clip must be null with optim.layerwise=true (each layer is updated inside backward, "
             f"before a global gradient norm exists), got {flat['module.grad_clip']}"
         )
+    if str(name).startswith("zo_") and planned_world_size(flat) > 1:
+        # Each rank would estimate its projected gradient on its own slice of the batch and step on it:
+        # nothing averages the probe losses, so the ranks' weights would drift apart silently.
+        raise ConfigError(
+            f"optim.name {name!r} (zeroth-order) runs on one process, got a trainer on {planned_world_size(flat)} "
+            "processes: nothing averages the probe losses across ranks (use trainer=cpu, or trainer=gpu with one device)"
+        )
     if layerwise:
         from scrimp.training.module import check_layerwise_world_size
 

@@ -1,5 +1,8 @@
 """Layer-wise updates with accumulation equal plain accumulation; impossible options raise."""
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -773,6 +776,148 @@ def test_per_parameter_torch_states_without_shapes_are_checked_by_their_moments(
     refused(opt, saved, r"^the saved window gradient of|^the saved exp_avg of 0.weight has shape \(24, 12\), the "
                         r"parameter \(20, 12\)$")
 
+
+
+# -- state keyed by parameter name (issue 14) --------------------------------------------------------
+# Written by data/make_positional_layerwise_states.py with the code of commit 1be3094 (keyed by position).
+POSITIONAL = torch.load(Path(__file__).with_name("data") / "positional_layerwise_states.pt", weights_only=True)
+
+
+def keyed_by_hand(old, order):
+    """A position-keyed layer-wise state rewritten by name, by hand: position i meant ``order[i]``."""
+    new = {**old, "shapes": {order[i]: shape for i, shape in enumerate(old["shapes"])}}
+    for entry in ("accum", "grads", "arrivals"):
+        new[entry] = {order[i]: value for i, value in old[entry].items()}
+    for entry in ("window", "nonfinite"):
+        new[entry] = [order[i] for i in old[entry]]
+    if isinstance(old["optimizer"], list):
+        new["optimizer"] = {order[i]: sd for i, sd in enumerate(old["optimizer"])}
+    return new
+
+
+def run_windows(model, opt, part, start, form):
+    """Windows of 4 real micro-batches, driven by either supported loop."""
+    for j, batch in enumerate(part, start):
+        real_backward(model, batch)
+        if form == "step-every-backward" or j % 4 == 3:
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("fixture", list(POSITIONAL))
+def test_a_state_keyed_by_position_by_the_previous_version_resumes_as_its_names_say(fixture):
+    name, form = fixture.split("/")
+    saved = POSITIONAL[fixture]
+    by_name = keyed_by_hand(saved["opt"], saved["order"])
+    runs = []
+    for state in (saved["opt"], by_name):
+        model, groups = model_and_groups(**FACTORIES[name][0])
+        model.load_state_dict(saved["model"])
+        opt = layerwise(model, FACTORIES[name][1], accumulate=4, groups=groups)
+        opt.load_state_dict(copy.deepcopy(state))  # torch's load keeps the saved moments: no sharing between runs
+        runs.append((model, opt))
+    resaved = runs[0][1].state_dict()
+    for entry in ("accum", "grads"):
+        assert resaved[entry].keys() == by_name[entry].keys()
+        assert all(torch.equal(resaved[entry][k], by_name[entry][k]) for k in by_name[entry])
+    assert (resaved["arrivals"], resaved["window"], resaved["micro"]) == \
+        (by_name["arrivals"], by_name["window"], by_name["micro"])
+    for model, opt in runs:
+        run_windows(model, opt, micro_batches(16)[6:], 6, form)
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["galore", "torch-adamw"])
+def test_a_state_loads_by_name_into_parameters_listed_in_another_order(name):
+    projection, factory = FACTORIES[name]
+    batches = micro_batches(16)
+    ref_model, ref_groups = model_and_groups(**projection)
+    run_windows(ref_model, layerwise(ref_model, factory, accumulate=4, groups=ref_groups), batches, 0,
+                "step-per-window")
+    model, groups = model_and_groups(**projection)
+    opt = layerwise(model, factory, accumulate=4, groups=groups)
+    run_windows(model, opt, batches[:6], 0, "step-per-window")
+    saved = opt.state_dict()
+    model2, groups2 = model_and_groups(**projection)
+    model2.load_state_dict(model.state_dict())
+    reversed_groups = [{**group, "params": group["params"][::-1]} for group in groups2]  # every position moves
+    opt2 = layerwise(model2, factory, accumulate=4, groups=reversed_groups)
+    opt2.load_state_dict(saved)
+    run_windows(model2, opt2, batches[6:], 6, "step-per-window")
+    for a, b in zip(model2.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_state_of_other_parameter_names_is_refused_naming_them():
+    saved = saved_mid_window()
+    inner, groups = model_and_groups(rank=3)
+    wrapped = torch.nn.Sequential()
+    wrapped.add_module("body", inner)  # the same parameters, named body.0.weight, ...
+    opt = layerwise(wrapped, FACTORIES["galore"][1], accumulate=2, groups=groups)
+    refused(opt, saved, r"^the saved layer-wise state does not hold body.0.weight, body.2.weight, body.0.bias, "
+                        r"body.2.bias and 2 more, which this optimizer has, and holds 0.weight, 2.weight, 0.bias, "
+                        r"2.bias and 2 more, which this optimizer does not \(parameters are matched by their names "
+                        r"in model.named_parameters\(\)\)$")
+
+
+def test_a_parameter_saved_in_another_group_is_refused():
+    def three_groups(model, rest):
+        return [{"params": [model[0].weight, model[2].weight], "rank": 3}, {"params": rest[:2]}, {"params": rest[2:]}]
+
+    model, _ = model_and_groups()
+    opt = layerwise(model, FACTORIES["galore"][1], accumulate=2,
+                    groups=three_groups(model, [model[0].bias, model[2].bias, model[4].weight, model[4].bias]))
+    run_windows(model, opt, micro_batches(3), 0, "step-every-backward")
+    model2, _ = model_and_groups()
+    opt2 = layerwise(model2, FACTORIES["galore"][1], accumulate=2,
+                     groups=three_groups(model2, [model2[0].bias, model2[4].bias, model2[4].weight, model2[2].bias]))
+    refused(opt2, opt.state_dict(), r"^the saved layer-wise state has 4.bias in parameter group 2 and this "
+                                    r"optimizer in group 1; build the parameter groups as they were when it was saved$")
+
+
+def test_a_wrapper_without_names_keys_by_position_which_a_named_wrapper_reads_in_its_order():
+    model, groups = model_and_groups(rank=3)
+    unnamed = layerwise(groups, FACTORIES["galore"][1], accumulate=2)  # groups alone: no parameter names
+    run_windows(model, unnamed, micro_batches(3), 0, "step-every-backward")
+    saved = unnamed.state_dict()
+    assert list(saved["shapes"]) == list(range(6)) and list(saved["accum"]) == [0]
+    model2, groups2 = model_and_groups(rank=3)
+    named = layerwise(model2, FACTORIES["galore"][1], accumulate=2, groups=groups2)
+    named.load_state_dict(copy.deepcopy(saved))
+    resaved = named.state_dict()
+    assert list(resaved["accum"]) == ["0.weight"] and torch.equal(resaved["accum"]["0.weight"], saved["accum"][0])
+    assert list(resaved["grads"]) == ["2.weight", "0.bias", "2.bias", "4.weight", "4.bias"]
+
+def test_an_optimizer_that_steps_per_parameter_is_recognised_by_what_it_does():
+    # the engine is driven per parameter because it has the methods, not because of its class
+    class Driven(torch.optim.SGD):
+        def __init__(self, params):
+            super().__init__(params, lr=0.5)
+            self.calls = []
+
+        def accumulates_low_rank(self, p, group):
+            return False
+
+        def project_grad(self, p, group, grad):
+            raise AssertionError("never asked: accumulates_low_rank is False")
+
+        def low_rank_shape(self, p, group):
+            return None
+
+        def step_param(self, p, group, grad, low_rank_grad=None):
+            self.calls.append(p)
+            p.add_(grad, alpha=-group["lr"])
+
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = layerwise(model, Driven)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert len(opt.optimizer.calls) == 2 and not opt._per_param  # one inner optimizer, stepped per parameter
+    expected_grads = [torch.ones(2, 3), torch.ones(2)]
+    for p, b, g in zip(model.parameters(), before, expected_grads):
+        assert torch.equal(p, b - 0.5 * g)
 
 # -- through Lightning ----------------------------------------------------------------------------
 def lightning_fit(val_every, steps=6, ckpt_path=None, save_to=None, seed=0, first_batch=0):

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from scrimp.optim import FrugalAdamW, GaLoreAdamW, GaLoreAdamW8bit, SubspaceAdamW
-from scrimp.optim.projection import PROJECTORS
+from scrimp.optim.projection import KINDS, PROJECTORS
 
 
 def galore_float64_reference(W0, grads, *, rank, gap, lr, scale, betas=(0.9, 0.999), eps=1e-6):
@@ -49,6 +49,12 @@ def test_residual_none_equals_galore_reference():
 @pytest.mark.parametrize("projector", [p for p in PROJECTORS if p not in ("blocks",)])
 @pytest.mark.parametrize("residual", [None, "sign_sgd", "sgd", "scaled"])
 def test_every_projector_and_residual_reduces_a_regression_loss(projector, residual):
+    if residual is not None and not KINDS[projector].orthonormal:
+        # G - P P^T G is the complement of the subspace only for an orthonormal P: refused, not trained
+        with pytest.raises(ValueError, match=rf"residual={residual!r}.*not orthonormal"):
+            SubspaceAdamW([{"params": [torch.nn.Parameter(torch.zeros(16, 12))], "rank": 6}], projector=projector,
+                          residual=residual)
+        return
     torch.manual_seed(0)
     X = torch.randn(96, 16)
     Y = X @ torch.randn(16, 12) * 0.3

@@ -441,3 +441,80 @@ def test_query_allocator_with_a_scalar_loss_closure_is_refused_and_the_weights_k
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     with pytest.raises(ValueError, match="seed must be an integer, got 'abc'"):
         ZOSGD(model.parameters(), lr=1e-3, eps=1e-3, seed="abc")
+
+
+# ---- the public seam for drivers (perturbed, evaluate, finite_loss, add_estimate, finish_step) --------
+def _linear_and_batch(dtype=torch.float64):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).to(dtype)
+    return model, torch.randn(7, 5, dtype=dtype)
+
+
+def _loss_at(model, x, seed, scale):
+    """Brute force: the loss with every parameter replaced by theta + scale * z (float64, functional)."""
+    moved = {name: p.detach() + scale * direction(p, seed, i) for i, (name, p) in enumerate(model.named_parameters())}
+    return torch.func.functional_call(model, moved, (x,)).pow(2).mean()
+
+
+@pytest.mark.parametrize("mode", ["hook", "inplace"])
+def test_perturbed_evaluates_at_theta_plus_scale_z_and_restores(mode):
+    model, x = _linear_and_batch()
+    before = _snapshot(model)
+    opt = ZOSGD(model.parameters(), lr=0.1, eps=1e-3, perturbation=mode)
+    with opt.perturbed(seed=9, scale=0.5) as perturbed_indices:
+        inside = model(x).pow(2).mean()
+    assert perturbed_indices == {0, 1, 2, 3}
+    assert torch.allclose(inside, _loss_at(model, x, 9, 0.5), rtol=1e-12, atol=0)
+    restored = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert restored if mode == "hook" else all(torch.allclose(a, b, rtol=0, atol=1e-15)
+                                               for a, b in zip(before, model.parameters()))
+
+
+def test_evaluate_returns_both_losses_of_the_two_point_estimate():
+    model, x = _linear_and_batch()
+    opt = ZOSGD(model.parameters(), lr=0.1, eps=1e-3)
+    plus, minus = opt.evaluate(lambda: model(x).pow(2).mean(), seed=4)
+    assert plus.dtype == torch.float64 and plus.device.type == "cpu"
+    assert torch.allclose(plus, _loss_at(model, x, 4, 1e-3), rtol=1e-12, atol=0)
+    assert torch.allclose(minus, _loss_at(model, x, 4, -1e-3), rtol=1e-12, atol=0)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        assert opt.evaluate(lambda: model(x).pow(2).mean() * float("inf"), seed=4) is None
+    assert opt.skipped == 1 and opt.draws == 0  # a skip is counted; moving on is finish_step's
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"n_queries": 2, "momentum": 0.5, "weight_decay": 0.1}])
+def test_a_driver_on_the_public_seam_equals_step_bitwise(kwargs):
+    # the streamer's sequence without the streamer: estimates from evaluate, the plan applied per parameter
+    (stepped, x), (driven, _) = _linear_and_batch(torch.float32), _linear_and_batch(torch.float32)
+    reference = ZOSGD(stepped.parameters(), lr=0.1, eps=1e-3, seed=5, **kwargs)
+    opt = ZOSGD(driven.parameters(), lr=0.1, eps=1e-3, seed=5, **kwargs)
+    for _ in range(3):
+        reference.step(lambda: stepped(x).pow(2).mean())
+        seeds = opt.query_seeds()
+        pairs = [opt.evaluate(lambda: driven(x).pow(2).mean(), seed) for seed in seeds]
+        opt.add_estimate([(float(plus) - float(minus)) / (2 * opt.eps) / len(seeds) for plus, minus in pairs])
+        plan = opt.finish_step(seeds, apply=False)
+        for index, group, param in opt.trainable_params():
+            opt.apply_plan(plan, param, index, group)
+    assert all(torch.equal(a, b) for a, b in zip(stepped.parameters(), driven.parameters()))
+    assert opt.steps == reference.steps == 3 and opt.draws == reference.draws
+
+
+def test_finish_step_without_an_estimate_moves_to_new_seeds_and_bad_estimates_are_refused():
+    model, _ = _linear_and_batch()
+    before = _snapshot(model)
+    opt = ZOSGD(model.parameters(), lr=0.1, eps=1e-3, n_queries=2)
+    seeds = opt.query_seeds()
+    assert opt.finish_step(seeds, apply=False) is None and opt.draws == 1 and opt.steps == 0
+    assert opt.query_seeds() != seeds
+    with pytest.raises(ValueError, match=r"^add_estimate needs one or more projected gradients \(one per query "
+                                         r"seed\), got 0$"):
+        opt.add_estimate([])
+    opt.add_estimate([0.5, -0.25])
+    with pytest.raises(ValueError, match=r"^add_estimate needs 2 projected gradients \(one per query seed\), got 1$"):
+        opt.add_estimate([1.0])
+    with pytest.raises(ValueError, match=r"^finish_step got 1 seeds for 2 projected gradients per estimate"):
+        opt.finish_step(opt.query_seeds()[:1])
+    assert opt.draws == 1 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.finish_step(opt.query_seeds(), loss=torch.tensor(1.0)) == 1.0  # the estimate was kept
+    assert opt.steps == 1 and opt.log[-1]["grads"].tolist() == [0.5, -0.25]

@@ -148,6 +148,7 @@ BAD_TRAIN_INPUTS = [
     (["optim=zo_sgd", "optim.n_queries=0"], "optim.n_queries", "0"),
     (["optim=zo_sgd", "optim.eps=-1"], "optim.eps", "-1"),
     (["optim=zo_sgd", "+optim.rank=4"], "optim.rank", None),
+    (["optim=zo_sgd", "trainer=ddp_cpu"], "optim.name", "on 2 processes"),
     # checkpoint, resume and the top level
     (["checkpoint.keep=-5"], "checkpoint.keep", "-5"),
     (["checkpoint.keep=abc"], "checkpoint.keep", "'abc'"),

@@ -18,11 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from scrimp.optim.kernels import configs
-
-# "scaled" (Fira/APOLLO-style, see scrimp.optim.functional.residual_update) is "sgd" times the norm
-# ratio ||N|| / ||R||, a whole-matrix scalar that fused.py computes on the device between the kernels.
-RESIDUAL_CODES = {None: 0, "sgd": 1, "sign_sgd": 2, "scaled": 3}
+from scrimp.optim.kernels import RESIDUAL_CODES, configs  # noqa: F401  (RESIDUAL_CODES: declared with FUSED)
 
 
 @triton.jit

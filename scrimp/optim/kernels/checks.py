@@ -11,7 +11,8 @@ import numbers
 
 import torch
 
-from scrimp.optim.functional import RESIDUAL_RULES, SIDES
+from scrimp.optim.functional import SIDES, residual_rule
+from scrimp.optim.rules.base import StepHyper
 
 BACKENDS = ("auto", "torch", "triton")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -35,26 +36,23 @@ def check_step_arguments(
     P: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    scale: float,
-    side: str,
-    residual: str | None,
-    residual_lr_scale: float,
+    hp: StepHyper,
     backend: str,
 ) -> None:
     """Validate one projected Adam step's arguments; raise ValueError/TypeError naming the first bad one."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    side = hp.side
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    if residual not in RESIDUAL_RULES:
-        raise ValueError(f"residual must be one of {RESIDUAL_RULES}, got {residual!r}")
+    if hp.residual is not None:
+        residual_rule(hp.residual)  # one ValueError naming the registered rules
+    _check_tensors(W, G, P, exp_avg, exp_avg_sq, side)
+    _check_numbers(hp)
+
+
+def _check_tensors(W, G, P, exp_avg, exp_avg_sq, side: str) -> None:
+    """Types, dtypes, shapes, layout and device of the step's tensors."""
     for name, tensor in (("W", W), ("G", G), ("P", P), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -88,13 +86,20 @@ def check_step_arguments(
     devices = {t.device for t in (W, G, P, exp_avg, exp_avg_sq)}
     if len(devices) != 1:
         raise ValueError(f"W, G, P, exp_avg and exp_avg_sq must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_numbers(hp: StepHyper) -> None:
+    """The numbers of ``hp``: step an int >= 1, betas in [0, 1), eps > 0, the rest finite and >= 0."""
+    step = hp.step
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1 (the step count after this update), got {step!r}")
-    for name, value in (("beta1", beta1), ("beta2", beta2)):
+    for name, value in (("beta1", hp.beta1), ("beta2", hp.beta2)):
         if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0.0 <= value < 1.0):
             raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    eps = hp.eps
     if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and eps > 0.0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
-    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("scale", scale), ("residual_lr_scale", residual_lr_scale)):
+    for name in ("lr", "weight_decay", "scale", "residual_lr_scale"):
+        value = getattr(hp, name)
         if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0.0):
             raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")

@@ -17,8 +17,10 @@ import triton
 import triton.language as tl
 
 from scrimp.optim.functional import bias_correction, norm_ratio
+from scrimp.optim.kernels import RATIO_RESIDUALS
 from scrimp.optim.kernels.back_projection import launch_back_project_update
 from scrimp.optim.kernels.projection import launch_project_adam
+from scrimp.optim.rules.base import StepHyper
 
 
 def _interpreter_on() -> bool:
@@ -94,24 +96,17 @@ def projected_adam_step_triton(
     P: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
+    hp: StepHyper | None = None,
     *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    scale: float,
-    side: str,
-    residual: str | None = None,
-    residual_lr_scale: float = 1.0,
     dot_precision: str | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     launch_configs: tuple[triton.Config | None, triton.Config | None] = (None, None),
+    **kwargs,
 ) -> None:
     """One fused projected Adam step (GaLore, Zhao et al. 2024; FRUGAL residual, Zmushko et al. 2024).
 
+    ``hp`` is a ``StepHyper`` (or its fields as keywords, as ``projected_adam_step``).
     Same math as ``scrimp.optim.functional.projected_adam_step_torch``; arguments are assumed checked
     by ``scrimp.optim.kernels.checks.check_step_arguments``. In place on W and the moments unless
     ``out = (W_out, exp_avg_out, exp_avg_sq_out)`` names separate buffers (same shapes and strides);
@@ -120,47 +115,66 @@ def projected_adam_step_triton(
     the interpreter and "tf32x3" when compiled. ``launch_configs`` pins the (kernel 1, kernel 2)
     ``triton.Config``s; None means autotuned on CUDA, the fixed small one under the interpreter.
     """
+    hp = StepHyper.of(hp, kwargs)
     check_triton_device(W)
     if INTERPRETED:
         check_interpreter_runs_loops()
-    if dot_precision is None:
-        dot_precision = "ieee" if INTERPRETED else DEFAULT_GPU_DOT_PRECISION
-    if dot_precision not in DOT_PRECISIONS:
-        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
-    W_out, exp_avg_out, exp_avg_sq_out = out if out is not None else (W, exp_avg, exp_avg_sq)
-    for name, dst, src in (("W", W_out, W), ("exp_avg", exp_avg_out, exp_avg), ("exp_avg_sq", exp_avg_sq_out, exp_avg_sq)):
-        if dst.shape != src.shape or dst.dtype != src.dtype or dst.device != src.device:
-            raise ValueError(f"out buffer for {name} must match it in shape, dtype and device")
-    w, g, p, m, v = right_form_views(W, G, P, exp_avg, exp_avg_sq, side)
-    w_out, _, _, m_out, v_out = right_form_views(W_out, G, P, exp_avg_out, exp_avg_sq_out, side)
-    rows, rank = w.shape[0], p.shape[1]
-    if workspace is None:
-        normalized = torch.empty((rows, rank), dtype=torch.float32, device=W.device)
-        projected = torch.empty_like(normalized) if residual is not None else None
-    else:
-        normalized, projected = workspace
-        for name, buf in (("N", normalized), ("R", projected)):
-            if buf is not None and (tuple(buf.shape) != (rows, rank) or buf.dtype != torch.float32
-                                    or buf.device != W.device):
-                raise ValueError(f"workspace {name} must be float32 of shape {(rows, rank)} on {W.device}")
-        if residual is not None and projected is None:
-            raise ValueError("workspace R is required when a residual rule is on")
+    dot_precision = _dot_precision(dot_precision)
+    W_out, exp_avg_out, exp_avg_sq_out = _out_buffers(W, exp_avg, exp_avg_sq, out)
+    w, g, p, m, v = right_form_views(W, G, P, exp_avg, exp_avg_sq, hp.side)
+    w_out, _, _, m_out, v_out = right_form_views(W_out, G, P, exp_avg_out, exp_avg_sq_out, hp.side)
+    normalized, projected = _workspace(W, (w.shape[0], p.shape[1]), hp.residual is not None, workspace)
     # Triton launches on the current CUDA device, not the tensors' (torch ops guard this themselves):
     # without this, a weight on cuda:1 while cuda:0 is current would be read by the wrong device.
     with torch.cuda.device(W.device) if W.is_cuda else contextlib.nullcontext():
         low_precision_dot = (not INTERPRETED) and g.dtype == p.dtype and g.dtype in (torch.bfloat16, torch.float16)
         launch_project_adam(
             g, p, m, v, m_out, v_out, normalized, projected,
-            beta1=beta1, beta2=beta2, eps=eps, bias_correction=bias_correction(step, beta1, beta2),
+            beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, bias_correction=bias_correction(hp.step, hp.beta1, hp.beta2),
             dot_precision=dot_precision, low_precision_dot=low_precision_dot, interpret=INTERPRETED,
             config=launch_configs[0],
         )
-        residual_ratio = None
-        if residual == "scaled":
-            residual_ratio = norm_ratio(normalized, projected).reshape(1)  # as functional.residual_update
+        # The norm ratio of a "scaled" residual is one whole-matrix number, taken on the device between the kernels.
+        ratio = norm_ratio(normalized, projected).reshape(1) if hp.residual in RATIO_RESIDUALS else None
         launch_back_project_update(
             w, w_out, g, p, normalized, projected,
-            lr=lr, weight_decay=weight_decay, scale=scale, residual=residual, residual_lr_scale=residual_lr_scale,
-            residual_ratio=residual_ratio,
+            lr=hp.lr, weight_decay=hp.weight_decay, scale=hp.scale, residual=hp.residual,
+            residual_lr_scale=hp.residual_lr_scale, residual_ratio=ratio,
             dot_precision=dot_precision, interpret=INTERPRETED, config=launch_configs[1],
         )
+
+
+def _dot_precision(dot_precision: str | None) -> str:
+    """The fp32 dot precision asked for, or the default: "ieee" under the interpreter, "tf32x3" compiled."""
+    if dot_precision is None:
+        return "ieee" if INTERPRETED else DEFAULT_GPU_DOT_PRECISION
+    if dot_precision not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
+    return dot_precision
+
+
+def _out_buffers(W, exp_avg, exp_avg_sq, out):
+    """(W_out, exp_avg_out, exp_avg_sq_out): the tensors themselves (in place), or ``out`` once it matches them."""
+    if out is None:
+        return W, exp_avg, exp_avg_sq
+    for name, dst, src in zip(("W", "exp_avg", "exp_avg_sq"), out, (W, exp_avg, exp_avg_sq)):
+        if dst.shape != src.shape or dst.dtype != src.dtype or dst.device != src.device:
+            raise ValueError(f"out buffer for {name} must match it in shape, dtype and device")
+    return out
+
+
+def _workspace(W: torch.Tensor, shape: tuple[int, int], with_residual: bool, workspace):
+    """The (M, r) fp32 right-form buffers (N, R) of the step: new ones, or the lent ``workspace`` once checked.
+
+    R (kernel 1's projected gradient) is kept only for a residual rule, which kernel 2 recomputes from it.
+    """
+    if workspace is None:
+        normalized = torch.empty(shape, dtype=torch.float32, device=W.device)
+        return normalized, (torch.empty_like(normalized) if with_residual else None)
+    normalized, projected = workspace
+    for name, buf in (("N", normalized), ("R", projected)):
+        if buf is not None and (tuple(buf.shape) != shape or buf.dtype != torch.float32 or buf.device != W.device):
+            raise ValueError(f"workspace {name} must be float32 of shape {shape} on {W.device}")
+    if with_residual and projected is None:
+        raise ValueError("workspace R is required when a residual rule is on")
+    return normalized, projected

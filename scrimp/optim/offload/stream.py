@@ -86,6 +86,25 @@ def active_dropout(model: nn.Module) -> bool:
     return any(isinstance(r, (int, float)) and r > 0 for r in rates)
 
 
+def check_input_ids(model: nn.Module, input_ids) -> None:
+    """Refuse in one sentence, before any block moves, a batch that is not 2-D integer token ids with
+    at least 2 tokens per row, or that holds ids outside the model's input embedding."""
+    integer = isinstance(input_ids, torch.Tensor) and not input_ids.is_floating_point() \
+        and not input_ids.is_complex() and input_ids.dtype != torch.bool
+    if not integer or input_ids.dim() != 2 or input_ids.shape[1] < 2 or input_ids.shape[0] < 1:
+        shown = f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
+            else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a 2-D integer tensor (batch, sequence) with at least 2 tokens per "
+                         f"row (the loss predicts the next token), got {shown}")
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None:
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the rows of the input embedding), got values in "
+                             f"[{low}, {high}]")
+
+
 class _BlockTier:
     """One block's parameters in its home tier, one flat buffer per dtype, and the device copy."""
 
@@ -314,20 +333,7 @@ class ParameterStreamer:
         Applies the previous step's update to every block as it passes, then runs all perturbed
         copies (+eps/-eps for each query) of the batch through the model in one pass.
         """
-        integer = isinstance(input_ids, torch.Tensor) and not input_ids.is_floating_point() \
-            and not input_ids.is_complex() and input_ids.dtype != torch.bool
-        if not integer or input_ids.dim() != 2 or input_ids.shape[1] < 2 or input_ids.shape[0] < 1:
-            shown = f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
-                else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a 2-D integer tensor (batch, sequence) with at least 2 tokens per "
-                             f"row (the loss predicts the next token), got {shown}")
-        embeddings = getattr(self.model, "get_input_embeddings", lambda: None)()
-        vocab = getattr(embeddings, "num_embeddings", None)
-        if vocab is not None:
-            low, high = (int(v) for v in torch.aminmax(input_ids))
-            if low < 0 or high >= vocab:
-                raise ValueError(f"input_ids must lie in [0, {vocab}) (the rows of the input embedding), got values in "
-                                 f"[{low}, {high}]")
+        check_input_ids(self.model, input_ids)
         labels = (input_ids if labels is None else labels).to(self.device)  # a custom loss_fn gets them beside the logits
         opt = self.optimizer
         seeds = opt.query_seeds()
@@ -358,15 +364,13 @@ class ParameterStreamer:
         del logits
         checked = []
         for loss in losses:  # the first invalid loss skips the step (counted once)
-            checked.append(opt._finite_loss(loss, reduce_examples=False))
+            checked.append(opt.finite_loss(loss))
             if checked[-1] is None:
-                opt.draws += 1
+                opt.finish_step(seeds, apply=False)  # no estimate: the next step draws new seeds
                 return None
-        opt._micro = [
-            [projected_gradient(float(checked[2 * j]), float(checked[2 * j + 1]), opt.eps) / len(seeds)
-             for j in range(len(seeds))]
-        ]
-        self.pending = opt._finish(seeds, None, apply=False)
+        opt.add_estimate([projected_gradient(float(checked[2 * j]), float(checked[2 * j + 1]), opt.eps) / len(seeds)
+                          for j in range(len(seeds))])
+        self.pending = opt.finish_step(seeds, apply=False)
         return torch.stack(checked).mean().to(torch.float32)
 
     def _check_all_updated(self) -> None:

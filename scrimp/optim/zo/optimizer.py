@@ -15,7 +15,8 @@ that ZO2-style streaming (``scrimp.optim.offload.stream``) applies block by bloc
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -63,6 +64,12 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 
     Use ``ZOSGD`` or ``ZOAdam``. State kept: a few counters, the (seed, projected gradient) records
     of the momentum window and of the steps since the last full checkpoint (``mark_full_save``).
+
+    ``step(closure)`` is ``accumulate(closure)`` then ``finish_step``. A driver that runs its own
+    forwards (``scrimp.optim.offload.stream``'s dual forward) uses the same public seam, in order:
+    ``query_seeds()``; the perturbed losses (``perturbed``, ``evaluate``, or its own forward with
+    ``perturbation.sliced_perturbation``); ``finite_loss`` on each; ``add_estimate`` with the
+    projected gradients; ``finish_step(seeds, apply=False)`` for the plan; ``apply_plan`` per parameter.
     """
 
     needs_manual_optimization = True
@@ -132,7 +139,11 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         """The seeds of the current step attempt (the same for every micro-batch of the step)."""
         return [mix_seed(self.seed, self.draws, j) for j in range(n or self.n_queries)]
 
-    def _finite_loss(self, value, reduce_examples: bool) -> torch.Tensor | None:
+    def finite_loss(self, value, reduce_examples: bool = False) -> torch.Tensor | None:
+        """``value`` (a loss the closure or a driver computed) as a float64 CPU tensor, or None after
+        counting a skip and warning: a non-finite loss, or (unless ``reduce_examples``: the query
+        allocator's per-example losses) one that is not a scalar. A None means: drop this step's
+        estimate and call ``finish_step`` without adding it, which moves on to the next seeds."""
         loss = _as_loss(value, "loss")
         if not reduce_examples and loss.numel() != 1:
             self._skip(f"the closure returned a loss with shape {tuple(loss.shape)}, not a scalar")
@@ -148,11 +159,34 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.skipped += 1
         warnings.warn(f"{why}; skipping this update (skipped so far: {self.skipped})", RuntimeWarning)
 
+    @contextmanager
+    def perturbed(self, seed: int, scale: float, *, index_of: dict[int, int] | None = None) -> Iterator[set[int]]:
+        """Inside the block, the trainable parameters are at ``theta + scale * z(seed)`` (``direction``).
+
+        ``perturbation="hook"``: each module runs with its perturbed weights swapped in, the stored
+        weights are never written (exact restore), and the yielded set fills with the indices of the
+        parameters that a forward did perturb (one read outside its own module's forward is not).
+        ``"inplace"``: the weights move in place and back on exit, inexact in floats as in MeZO; the
+        set holds every index. ``evaluate`` is the two-point estimate built on this.
+        """
+        index_of = self.index_of() if index_of is None else index_of
+        if self.perturbation == "hook":
+            with torch.no_grad(), hook_perturbation(index_of, seed, scale) as materialized:
+                yield materialized
+            return
+        trainable = self.trainable_params()
+        params, order = [p for _, _, p in trainable], [i for i, _, _ in trainable]
+        inplace_perturb_(params, order, seed, scale)
+        try:
+            yield set(order)
+        finally:
+            inplace_perturb_(params, order, seed, -scale)
+
     def _evaluate_at(self, closure, seed: int, scale: float, index_of):
         with torch.no_grad():
             if self.perturbation == "inplace":
-                return closure()
-            with hook_perturbation(index_of, seed, scale) as materialized:
+                return closure()  # evaluate() moved the weights itself (MeZO's +eps, -2 eps, +eps)
+            with self.perturbed(seed, scale, index_of=index_of) as materialized:
                 value = closure()
             if not self._unperturbed_warned and len(materialized) < len(index_of):
                 self._unperturbed_warned = True
@@ -164,8 +198,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 )
             return value
 
-    def _two_point(self, closure, seed: int, index_of, per_example: bool = False, indices=None):
-        """(f+, f-) at theta +- eps z(seed); None if either is invalid (skip counted)."""
+    def evaluate(self, closure, seed: int, *, index_of: dict[int, int] | None = None, per_example: bool = False,
+                 indices=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(f+, f-): ``closure()`` at theta + eps z(seed) and at theta - eps z(seed), as float64 CPU
+        tensors; None if either loss is invalid (``finite_loss``: skip counted, warned). The weights
+        are unperturbed afterwards (bit-exact with ``perturbation="hook"``), and both forwards see the
+        same RNG state (dropout masks). With ``per_example`` the closure takes ``indices`` and returns
+        one loss per example. ``index_of`` (``index_of()``) may be passed to save recomputing it."""
+        index_of = self.index_of() if index_of is None else index_of
         call = (lambda: closure(indices)) if per_example else closure
         params = [p for _, _, p in self.trainable_params()]
         order = [i for i, _, _ in self.trainable_params()]
@@ -191,8 +231,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         finally:
             if offset:
                 inplace_perturb_(params, order, seed, -offset)
-        plus = self._finite_loss(plus, per_example)
-        minus = self._finite_loss(minus, per_example) if plus is not None else None
+        plus = self.finite_loss(plus, per_example)
+        minus = self.finite_loss(minus, per_example) if plus is not None else None
         if plus is None or minus is None:
             return None
         return plus, minus
@@ -213,14 +253,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         grads, losses = [], []
         self._attempted = True  # a skipped micro-batch still makes step() without closure legitimate
         for seed in self.query_seeds():
-            pair = self._two_point(closure, seed, index_of)
+            pair = self.evaluate(closure, seed, index_of=index_of)
             if pair is None:
                 return None
             plus, minus = pair
             # each query contributes its projected gradient / q (plain query averaging)
             grads.append(projected_gradient(float(plus), float(minus), self.eps) / self.n_queries)
             losses.append((plus + minus) / 2)
-        self._micro.append(grads)
+        self.add_estimate(grads)
         return torch.stack(losses).mean().to(torch.float32)
 
     @torch.no_grad()
@@ -242,16 +282,36 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"closure must be callable, got {type(closure).__name__}")
             if self.query_allocator is not None:
                 seeds, grads, loss = self._allocated_queries(closure)
-                self._micro = [] if grads is None else [grads]
                 if grads is not None:
-                    return self._finish(seeds, loss)
-                self.draws += 1
-                return None
+                    self.add_estimate(grads)
+                return self.finish_step(seeds or [], loss)  # without an estimate: a skip, loss is None
             loss = self.accumulate(closure)
-        return self._finish(self.query_seeds(), loss)
+        return self.finish_step(self.query_seeds(), loss)
 
-    def _finish(self, seeds: list[int], loss, apply: bool = True):
-        """Average the stored micro-batch scalars, book the step; returns (loss, plan or None)."""
+    def add_estimate(self, grads: Sequence[float]) -> None:
+        """Store one micro-batch's projected gradients, one per seed of ``query_seeds()``, each already
+        divided by the number of queries (``projected_gradient(f+, f-, eps) / n``): what ``accumulate``
+        stores, for a driver that evaluates the perturbed losses itself (the streamed dual forward).
+        ``finish_step`` averages the estimates added since the last step."""
+        grads = [float(g) for g in grads]
+        if not grads or (self._micro and len(grads) != len(self._micro[0])):
+            expected = len(self._micro[0]) if self._micro else "one or more"
+            raise ValueError(f"add_estimate needs {expected} projected gradients (one per query seed), "
+                             f"got {len(grads)}")
+        self._micro.append(grads)
+        self._attempted = True
+
+    def finish_step(self, seeds: Sequence[int], loss=None, apply: bool = True):
+        """End the step attempt: average the estimates added since the last step (one projected
+        gradient per seed in ``seeds``) into a record and ``commit`` it, applying it to every
+        parameter if ``apply``; with no estimate (every micro-batch skipped) only move on to the
+        next seeds. Returns ``loss`` if ``apply``, else the committed ``Plan`` (None without an
+        estimate), which the caller applies per parameter with ``apply_plan``. A record ``commit``
+        refuses (non-finite scalars) raises, drops the estimates and books nothing: the next attempt
+        draws the same seeds."""
+        if self._micro and len(self._micro[0]) != len(seeds):
+            raise ValueError(f"finish_step got {len(seeds)} seeds for {len(self._micro[0])} projected gradients per "
+                             "estimate; pass the seeds the estimates were made with (query_seeds())")
         micro, self._micro = self._micro, []
         self._attempted = False
         self.draws += 1
@@ -285,7 +345,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         """Book a step (counters, momentum window, log) and return its plan; apply it to all params if asked.
 
         A record whose projected gradients, lrs or weight decays are not finite is refused before
-        anything is booked: the closure path never makes one (``_finite_loss`` skips non-finite
+        anything is booked: the closure path never makes one (``finite_loss`` skips non-finite
         losses), but an eps small enough to overflow ``(f+ - f-) / (2 eps)``, a scheduler's NaN lr
         or a replayed log can.
         """
@@ -328,7 +388,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         """
         index_of = self.index_of()
         pilot_seed = mix_seed(self.seed, self.draws, 0)
-        pair = self._two_point(closure, pilot_seed, index_of, per_example=True, indices=None)
+        pair = self.evaluate(closure, pilot_seed, index_of=index_of, per_example=True, indices=None)
         if pair is None:
             return None, None, None
         plus, minus = pair
@@ -347,7 +407,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         for r in range(1, int(counts.max())):
             indices = torch.nonzero(counts > r).flatten()
             seed = mix_seed(self.seed, self.draws, r)
-            pair = self._two_point(closure, seed, index_of, per_example=True, indices=indices)
+            pair = self.evaluate(closure, seed, index_of=index_of, per_example=True, indices=indices)
             if pair is None:
                 return None, None, None
             c = torch.zeros(n, dtype=torch.float64)

@@ -7,6 +7,7 @@ references in tests/optim/test_zeroth_order.py).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -89,6 +90,32 @@ def test_user_given_blocks_and_skipped_steps(tiny):
     streamer.flush()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
+
+
+def test_a_skipped_streamed_step_moves_on_to_the_seeds_the_plain_optimizer_moves_on_to(tiny):
+    # the streamer drives the optimizer through its public seam only; a skip there must book what
+    # ZOSGD.step books for a skip (a new draw, no step), so the runs stay bitwise equal afterwards
+    plain, streamed = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    plain_opt = ZOSGD(plain.parameters(), lr=1e-3, eps=1e-3, seed=3)
+    stream_opt = ZOSGD(streamed.parameters(), lr=1e-3, eps=1e-3, seed=3)
+    poison = [float("nan")]
+
+    def poisoned(logits, labels):
+        return causal_lm_loss(logits, labels) * poison[0]
+
+    streamer = ParameterStreamer(streamed, stream_opt, device="cpu", loss_fn=poisoned)
+    for step in range(3):
+        x = _batch(step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the skip's warning; its count is checked below
+            plain_loss = plain_opt.step(lambda x=x: poisoned(plain(x).logits, x))
+            stream_loss = streamer.step(x)
+        assert (plain_loss is None and stream_loss is None) if step == 0 else torch.equal(plain_loss, stream_loss)
+        poison[0] = 1.0
+    streamer.flush()
+    assert stream_opt.skipped == plain_opt.skipped == 1 and stream_opt.draws == plain_opt.draws == 3
+    assert [r["seeds"].tolist() for r in stream_opt.log] == [r["seeds"].tolist() for r in plain_opt.log]
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), streamed.parameters()))
 
 def test_streaming_is_generic_over_decoders_opt_blocks_found_and_parity_holds():
     from transformers import OPTConfig, OPTForCausalLM
