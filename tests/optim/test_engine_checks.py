@@ -332,8 +332,9 @@ def test_state_bytes_of_8bit_moments_counts_codes_and_absmax_as_moments():
 
 # -- 8. the step path reads at once -------------------------------------------------------------------------
 STEP_PATH = ["subspace.py", "projection.py", "functional.py", "moments.py", "state_check.py", "memory.py",
-             "rules/base.py", "rules/registry.py", "rules/adam.py", "rules/residual.py", "kernels/fused.py",
-             "kernels/__init__.py", "kernels/checks.py"]
+             "rules/base.py", "rules/registry.py", "rules/adam.py", "rules/residual.py", "rules/lion.py", "rules/sgd.py",
+             "rules/natural.py", "rules/apollo.py", "layerwise.py", "kernels/fused.py", "kernels/__init__.py",
+             "kernels/checks.py"]
 MAX_BODY_LINES = 40
 
 
