@@ -5,8 +5,10 @@
 
 Names: adamw (torch.optim.AdamW), adamw8bit (bitsandbytes AdamW8bit), galore, galore8bit, frugal,
 frugal_lion, frugal_sgd, apollo, apollo_mini, natural_galore (scrimp), zo_sgd / zo_adam
-(``scrimp.optim.zeroth_order``, resolved lazily). ``target_modules`` ("all-linear" or regexes) picks the projected weights; ``layerwise=True`` wraps the optimizer in
-``scrimp.optim.layerwise`` with ``accumulate`` micro-batches. Keys set to None count as absent.
+(``scrimp.optim.zeroth_order``, resolved lazily). ``target_modules`` ("all-linear" or regexes) picks the projected
+weights; ``layerwise=True`` wraps the optimizer in ``scrimp.optim.layerwise`` with ``accumulate`` micro-batches;
+``offload="cpu"|"disk"`` wraps it in ``scrimp.optim.offload.OffloadedOptimizer`` (the moments live in host memory or
+in files under ``offload_path``, ``offload_prefetch`` states read ahead). Keys set to None count as absent.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from .groups import param_groups
 from .layerwise import layerwise as make_layerwise
 
 COMMON_KEYS = ("lr", "weight_decay", "betas", "eps")
-WRAPPER_KEYS = ("layerwise", "accumulate", "clip_grad_norm")
+WRAPPER_KEYS = ("layerwise", "accumulate", "clip_grad_norm", "offload", "offload_path", "offload_prefetch")
+OFFLOAD_TIERS = ("cpu", "disk")
+# OffloadedOptimizer drives the SubspaceAdamW engine's stages; these optimizers are not built on it.
+NOT_OFFLOADABLE = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes AdamW8bit"}
 GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "projector", "stagger", "seed", "sign_rule",
                      "moment_policy")
 GALORE_KEYS = ("target_modules", "eps_style")
@@ -87,6 +92,7 @@ def build(cfg: Any, model: nn.Module):
     if not use_layerwise and "clip_grad_norm" in wrap:
         raise ValueError("clip_grad_norm is only read with layerwise=True (where it is refused); set gradient "
                          "clipping on the trainer instead")
+    offload = offload_options(name, wrap)
     if name in ZEROTH_ORDER:
         if use_layerwise:
             raise ValueError(f"layerwise=True does not apply to {name}: zeroth-order optimizers run no backward")
@@ -102,7 +108,67 @@ def build(cfg: Any, model: nn.Module):
     groups, factory = _groups_and_factory(name, cfg, model)
     if use_layerwise:
         return make_layerwise(model, factory, accumulate, clip_grad_norm=wrap.get("clip_grad_norm"), groups=groups)
+    if offload is not None:
+        from .offload import OffloadedOptimizer
+
+        return OffloadedOptimizer(factory(groups), **offload)
     return factory(groups)
+
+
+def offload_options(name: str, wrap: dict) -> dict | None:
+    """``OffloadedOptimizer``'s keyword arguments from the wrapper keys, or None without ``offload``.
+
+    Refuses, in one sentence each and before anything is built: a tier other than cpu/disk, the
+    disk tier without ``offload_path`` (or with an empty one), ``offload_path``/``offload_prefetch``
+    without the disk tier that reads them (null or cpu), and the optimizers the wrapper cannot drive
+    (torch AdamW, bitsandbytes AdamW8bit, zeroth-order, layer-wise).
+    """
+    tier, path, prefetch = wrap.get("offload"), wrap.get("offload_path"), wrap.get("offload_prefetch")
+    if tier is None:
+        given = [key for key in ("offload_path", "offload_prefetch") if key in wrap]
+        if given:
+            raise ValueError(f"{given[0]} applies only with offload='disk' (offload is null), got {wrap[given[0]]!r}")
+        return None
+    if tier not in OFFLOAD_TIERS:
+        raise ValueError(f"offload must be one of {list(OFFLOAD_TIERS)} or null (where the optimizer state lives "
+                         f"between steps), got {tier!r}")
+    _check_disk_keys(tier, path, prefetch)
+    _refuse_not_offloadable(name, bool(wrap.get("layerwise", False)), tier)
+    options = {"tier": tier, "path": path}
+    if prefetch is not None:
+        options["prefetch"] = prefetch
+    return options
+
+
+def _check_disk_keys(tier: str, path: Any, prefetch: Any) -> None:
+    """``offload_path`` and ``offload_prefetch`` belong to the disk tier: required/valid there, refused with cpu."""
+    if tier == "disk" and not path:
+        got = "an empty path" if isinstance(path, str) else repr(path)
+        raise ValueError(f"offload_path must name a directory for the state files with offload='disk', got {got}")
+    if tier == "cpu":
+        given = [(key, value) for key, value in (("offload_path", path), ("offload_prefetch", prefetch))
+                 if value is not None]
+        if given:
+            key, value = given[0]
+            raise ValueError(f"{key} applies only with offload='disk' (offload='cpu' keeps the state in memory and "
+                             f"reads nothing ahead), got {value!r}")
+    if prefetch is not None and (not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0):
+        raise ValueError(f"offload_prefetch must be an integer >= 0 (states the disk tier reads ahead), got "
+                         f"{prefetch!r}")
+
+
+def _refuse_not_offloadable(name: str, use_layerwise: bool, tier: str) -> None:
+    if name in NOT_OFFLOADABLE:
+        raise ValueError(f"offload={tier!r} does not apply to {name}: the offloaded optimizer wraps scrimp's "
+                         f"SubspaceAdamW family (galore, frugal, apollo, ...), not {NOT_OFFLOADABLE[name]}; use "
+                         "another optimizer or offload=null")
+    if name in ZEROTH_ORDER:
+        raise ValueError(f"offload={tier!r} does not apply to {name}: zeroth-order optimizers keep at most a "
+                         "momentum buffer (scrimp.optim.offload.stream streams their parameters instead); use "
+                         "offload=null")
+    if use_layerwise:
+        raise ValueError(f"offload={tier!r} does not work with layerwise=True yet: the layer-wise backward hooks "
+                         "do not step through a tier; set one of them to null/false")
 
 
 def zeroth_order_groups(model: nn.Module, weight_decay: float) -> list:

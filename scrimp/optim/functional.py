@@ -64,7 +64,7 @@ def adam_direction_(
     """
     if grad.dtype != exp_avg.dtype:
         grad = grad.to(exp_avg.dtype)
-    if _fused_adamw_ok([exp_avg], [grad], 1.0, ([exp_avg_sq],)) and exp_avg_sq.dtype == exp_avg.dtype:
+    if fused_adamw_ok([exp_avg], [grad], 1.0, ([exp_avg_sq],)) and exp_avg_sq.dtype == exp_avg.dtype:
         # One pass instead of eight: torch's fused AdamW kernel on a zero "parameter" with lr 1
         # leaves -N in it (its eps' = eps / sqrt(1 - b2^t) makes its formula equal this one).
         out = torch.zeros_like(exp_avg)
@@ -347,7 +347,7 @@ def _step_tensor(step: int, device: torch.device) -> Tensor:
     return torch.full((), float(step), dtype=torch.float32, device=device)
 
 
-def _fused_adamw_ok(params: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
+def fused_adamw_ok(params: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
                     moments: Sequence[Sequence[Tensor]] = ()) -> bool:
     """Whether torch's fused AdamW kernel computes the right thing for these lists.
 
@@ -408,7 +408,7 @@ def adam_step_foreach(
     params, grads, exp_avgs, exp_avg_sqs = _step_low_precision_alone(params, grads, exp_avgs, exp_avg_sqs, hyper)
     if not params:
         return
-    if _fused_adamw_ok(params, grads, scale, (exp_avgs, exp_avg_sqs)):
+    if fused_adamw_ok(params, grads, scale, (exp_avgs, exp_avg_sqs)):
         # torch's one-pass AdamW kernel computes m_hat / (sqrt(v_hat) + eps'); with
         # eps' = eps / sqrt(1 - b2^t) that is exactly the HF formula above (up to rounding).
         steps = [_step_tensor(step, p.device) for p in params]

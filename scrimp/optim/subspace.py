@@ -3,7 +3,11 @@
 ``SubspaceAdamW`` is the single place where a projected step is orchestrated, in public stages
 (``begin``: refresh if due and project, ``run_inner``: the inner rule on R, ``finish``: decay,
 back-projection or an output rule, residual, apply); ``step_param`` runs the three, or the fused
-kernels where ``scrimp.optim.kernels.fuses`` declares the composition. Each part is an object:
+kernels where ``scrimp.optim.kernels.fuses`` declares the composition (on a plain group, the batched
+AdamW of ``step()`` for one parameter). A driver may hold the inner rule's moments itself (offload):
+``moment_layout`` says what to allocate, ``begin(..., defer_moments=True)`` records how the moments
+cross the step (``MomentEvent``) and ``prepare_moments`` applies that to the driver's dict;
+``step_param(..., moments=...)`` does all of it. Each part is an object:
 the projector kind (``projection.KINDS``), the inner rule and the residual and output rules
 (``scrimp.optim.rules``, found by name in their registry), the moment store (``moments``); the
 engine never branches on a part's name. GaLore (Zhao et al., 2024) is ``projector=svd,
@@ -67,8 +71,8 @@ from .rules.adam import AdamRule
 from .rules.base import InnerRule, OutputRule, ResidualRule, StepHyper
 from .rules.registry import declared_moment_specs
 
-__all__ = ["MIN_8BIT_NUMEL", "BLOCKSIZE_8BIT", "ParamStep", "Parts", "SubspaceAdamW", "resolve_rank",
-           "subspace_dim"]
+__all__ = ["MIN_8BIT_NUMEL", "BLOCKSIZE_8BIT", "MomentEvent", "MomentSlot", "ParamStep", "Parts", "SubspaceAdamW",
+           "resolve_rank", "subspace_dim"]
 
 PROJECTION_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200,
@@ -131,6 +135,27 @@ class Parts(NamedTuple):
     store: Fp32Store
 
 
+class MomentEvent(NamedTuple):
+    """What happens to a parameter's inner-rule moments at a step, wherever they are held.
+
+    ``drop``: discard them (the first subspace, ``moment_policy="reset"``, a new block cycle, an
+    inactive block); ``overlap``: rotate them into the new basis by ``O = P_new^T P_old``
+    (``moment_policy="rotate"``; moments not held are not rotated); ``shape``: the shape of the fresh
+    zeros they start from when none are held after that (None: this step keeps no moments).
+    """
+
+    drop: bool
+    overlap: Tensor | None
+    shape: tuple[int, ...] | None
+
+
+class MomentSlot(NamedTuple):
+    """The shape and dtype of one state tensor of the inner rule (``SubspaceAdamW.moment_layout``)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
 @dataclass
 class ParamStep:
     """One parameter's step between the stages: ``begin`` fills it, ``run_inner`` and ``finish`` read it.
@@ -139,6 +164,8 @@ class ParamStep:
     ``basis`` the projector's matrix or coordinate index for this step (None for full/blocks/none),
     ``R`` the projected gradient (None when the parameter has no subspace this step: a residual-only
     step). A caller may change ``R`` in place between ``begin`` and ``run_inner`` (an FSDP collective).
+    ``moment_event`` is how the inner rule's moments cross this step; ``prepare_moments`` applies it to
+    the dict that holds them and sets ``moments`` (that dict) and ``hp`` (which counts the moments' steps).
     """
 
     p: Tensor
@@ -147,8 +174,10 @@ class ParamStep:
     state: dict
     projector: Projector
     parts: Parts
-    hp: StepHyper
+    moment_event: MomentEvent
     active: bool
+    hp: StepHyper | None = None
+    moments: dict | None = None
     basis: Tensor | None = None
     R: Tensor | None = None
 
@@ -156,6 +185,18 @@ class ParamStep:
 def is_projected_group(group: dict) -> bool:
     """A group is projected when it names a subspace size (``rank`` or ``density``)."""
     return group.get("rank") is not None or group.get("density") is not None
+
+
+def _refuse_unprepared(s: ParamStep) -> None:
+    if s.hp is None:
+        raise RuntimeError("begin(..., defer_moments=True) leaves the moments to the caller: call "
+                           "prepare_moments(s, moments) before run_inner and finish")
+
+
+def _adam_path(p: Tensor, grad: Tensor, moments: dict) -> tuple[torch.device, bool]:
+    """Which of ``F.adam_step_foreach``'s paths ``p`` takes when stepped alone (torch's fused kernel or not),
+    on which device: a batch of one key takes the same path as each member alone."""
+    return p.device, F.fused_adamw_ok([p], [grad], 1.0, ([moments["exp_avg"]], [moments["exp_avg_sq"]]))
 
 
 def validate_group(group: dict, *, allow_empty_subspace: bool = False) -> None:
@@ -588,7 +629,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
         if any(p.grad is not None and p.grad.is_sparse for group in self.param_groups for p in group["params"]):
             raise RuntimeError(SPARSE_GRADIENTS)  # before any group steps
         if self.check_finite:
-            self._refuse_nonfinite_gradients()  # before any weight or state changes
+            self.refuse_nonfinite_gradients()  # before any weight or state changes
         for group in self.param_groups:
             if is_projected_group(group):
                 for p in group["params"]:
@@ -598,8 +639,10 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 self._plain_foreach(group)
         return loss
 
-    def _refuse_nonfinite_gradients(self) -> None:
-        """Raise before the step when a gradient holds inf or NaN (``check_finite``, on by default).
+    def refuse_nonfinite_gradients(self) -> None:
+        """Raise before the step when a gradient (``.grad``) holds inf or NaN; ``step()`` runs it when
+        ``check_finite`` is on (the default), and drivers that step through the stages (offload) call it
+        too, so that every driver refuses in the same sentence.
 
         One reduction per gradient and one host read per step (``finite_guard``); the first
         offender is looked up only on failure. Only the gradients are checked, not the update:
@@ -624,41 +667,76 @@ class SubspaceAdamW(torch.optim.Optimizer):
             "state (lower the lr, clip gradients or train in a wider dtype; check_finite=False turns this check off)"
         )
 
+    def moment_layout(self, p: Tensor, group: dict) -> dict[str, MomentSlot]:
+        """The inner rule's state tensors the store keeps for ``p`` under ``group``: key -> (shape, dtype).
+
+        From the settings alone (no tensor is made, nor an entry in ``p``'s state): what a driver that
+        holds the moments itself (``scrimp.optim.offload``) allocates. Empty for a parameter that never
+        keeps moments (rank 0); the moments of 8-bit stores as their codes and absmax.
+        """
+        proj = self._described_projector(p, group)
+        if not proj.ops.has_moments:
+            return {}
+        parts = self.parts(group)
+        specs = parts.inner.moment_specs()
+        # stored_keys: (fp32 name, 8-bit codes, their absmax); only the codes are not fp32
+        dtypes = {key: torch.uint8 if key == stored_keys(spec)[1] else torch.float32
+                  for spec in specs for key in stored_keys(spec)}
+        shapes = parts.store.expected_shapes(specs, tuple(proj.moment_shape()))
+        return {key: MomentSlot(tuple(shape), dtypes[key]) for key, shape in shapes.items()}
+
     def _plain_foreach(self, group: dict) -> None:
-        """Plain AdamW for a whole group with foreach ops, batched by step count (8-bit moments: one by one)."""
-        specs = self._plain_parts.inner.moment_specs()
+        """Plain AdamW for a whole group, batched by step count (``_plain_adam``)."""
         by_step: dict[int, list[Tensor]] = {}
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = 0
-                state["moment_step"] = 0
-                self.store.zeros(state, specs, tuple(p.shape), p.device)
-            by_step.setdefault(state["moment_step"] + 1, []).append(p)
-        beta1, beta2 = group["betas"]
+            if p.grad is not None:
+                by_step.setdefault(self._count_plain_step(p, self.state[p]), []).append(p)
         for step, params in by_step.items():
-            dense = [p for p in params if self.store.holds_fp32(self.state[p], specs)]
-            dense_ids = {id(p) for p in dense}
-            for p in params:
-                state = self.state[p]
-                state["step"] += 1
-                state["moment_step"] = step
-                if id(p) not in dense_ids:
-                    self._run_stages(self._plain_step(p, group, p.grad), None)
+            self._plain_adam(group, params, [p.grad for p in params], [self.state[p] for p in params], step)
+
+    def _count_plain_step(self, p: Tensor, moments: dict) -> int:
+        """Advance a plain parameter's counters, with zero moments in ``moments`` at its first step; its moment step."""
+        state, specs = self.state[p], self._plain_parts.inner.moment_specs()
+        state.setdefault("step", 0)
+        if not self.store.has(moments, specs):
+            self.store.zeros(moments, specs, tuple(p.shape), p.device)
+            state["moment_step"] = 0
+        state["step"] += 1
+        state["moment_step"] += 1
+        return state["moment_step"]
+
+    def _plain_adam(self, group: dict, params: list[Tensor], grads: list[Tensor], moments: list[dict],
+                    step: int) -> None:
+        """AdamW on plain parameters at one moment step: ``F.adam_step_foreach`` on fp32 moments, 8-bit
+        moments one by one through the stages.
+
+        The foreach batches are split by the path each parameter takes alone (torch's fused kernel or
+        foreach ops, which round differently; ``_adam_path``), so a parameter stepped alone
+        (``step_param``) equals it stepped in its group, bitwise.
+        """
+        specs = self._plain_parts.inner.moment_specs()
+        batches: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            if self.store.holds_fp32(moments[i], specs):
+                batches.setdefault(_adam_path(p, grads[i], moments[i]), []).append(i)
+            else:
+                self._run_stages(self._plain_step(p, group, grads[i], moments[i]), None)
+        beta1, beta2 = group["betas"]
+        eps = F.hf_eps(group["eps"], step, beta2, group["eps_style"])
+        for batch in batches.values():
             F.adam_step_foreach(
-                dense, [p.grad for p in dense], [self.state[p]["exp_avg"] for p in dense],
-                [self.state[p]["exp_avg_sq"] for p in dense], step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
-                eps=F.hf_eps(group["eps"], step, beta2, group["eps_style"]), weight_decay=group["weight_decay"],
+                [params[i] for i in batch], [grads[i] for i in batch], [moments[i]["exp_avg"] for i in batch],
+                [moments[i]["exp_avg_sq"] for i in batch], step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=eps, weight_decay=group["weight_decay"],
             )
 
-    def _plain_step(self, p: Tensor, group: dict, grad: Tensor) -> ParamStep:
+    def _plain_step(self, p: Tensor, group: dict, grad: Tensor, moments: dict) -> ParamStep:
         """The stages' record of a plain-group parameter whose counters are already advanced."""
         proj = self._projectors.get(p) or self._full_projector(p)
         state = self.state[p]
         return ParamStep(p=p, group=group, grad=grad, state=state, projector=proj, parts=self._plain_parts,
-                         hp=self._hyper(group, state, proj), active=True)
+                         moment_event=MomentEvent(drop=False, overlap=None, shape=tuple(p.shape)), active=True,
+                         hp=self._hyper(group, state, proj), moments=moments)
 
     def _full_projector(self, p: Tensor) -> Projector:
         """The identity projector of a plain-group parameter (any shape): Adam on the whole tensor."""
@@ -667,46 +745,96 @@ class SubspaceAdamW(torch.optim.Optimizer):
 
     # -- the step, in stages ------------------------------------------------------------------------
     @torch.no_grad()
-    def step_param(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None = None) -> None:
+    def step_param(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None = None, *,
+                   moments: dict | None = None) -> None:
         """Step one parameter of ``group`` with its full ``grad`` or, between refreshes, a projected one.
 
-        ``begin``, ``run_inner`` and ``finish``, or the fused kernels where ``kernels.fuses`` declares
-        the step's composition (and ``fused`` allows them).
+        A projected group runs ``begin``, ``run_inner`` and ``finish``, or the fused kernels where
+        ``kernels.fuses`` declares the step's composition (and ``fused`` allows them). A plain group runs
+        ``step()``'s batched AdamW on this parameter alone (same counters, ``F.adam_step_foreach([p], ...)``),
+        bitwise equal to it. ``moments`` is the dict that holds the inner rule's moments: the engine's
+        state by default, or a driver's (an offload tier's), which the step reads and changes in place.
         """
+        if not is_projected_group(group):
+            self._plain_param_step(p, group, grad, self.state[p] if moments is None else moments)
+            return
         s = self._start(p, group, grad, low_rank_grad)
+        self.prepare_moments(s, s.state if moments is None else moments)
         if low_rank_grad is None and self._fuses(s):
             self._fused_step(s)
             return
         self._run_stages(s, low_rank_grad)
+
+    def _plain_param_step(self, p: Tensor, group: dict, grad: Tensor | None, moments: dict) -> None:
+        if grad is None:
+            raise ValueError("grad must be the full gradient for a parameter of a plain group (no rank or density), "
+                             "got None")
+        if grad.is_sparse:
+            raise RuntimeError(SPARSE_GRADIENTS)
+        self._plain_adam(group, [p], [grad], [moments], self._count_plain_step(p, moments))
 
     def _run_stages(self, s: ParamStep, low_rank_grad: Tensor | None) -> None:
         self._project(s, low_rank_grad)
         self.finish(s, self.run_inner(s))
 
     @torch.no_grad()
-    def begin(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None = None) -> ParamStep:
-        """Stage 1: advance the parameter's counters and subspace (a refresh when due, under the group's
-        ``moment_policy``; a block switch), then project: ``s.R`` is ``low_rank_grad`` or the projection
-        of ``grad`` (None when the parameter has no subspace this step)."""
+    def begin(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None = None, *,
+              defer_moments: bool = False) -> ParamStep:
+        """Stage 1: advance the parameter's counters and subspace (a refresh when due; a block switch), carry
+        the moments across under the group's ``moment_policy``, then project: ``s.R`` is ``low_rank_grad`` or
+        the projection of ``grad`` (None when the parameter has no subspace this step).
+
+        ``defer_moments=True``: the moments are not in the engine's state but the caller's (an offload
+        tier); their transition waits in ``s.moment_event`` for ``prepare_moments(s, moments)``, which
+        must run before ``run_inner`` and ``finish``.
+        """
         s = self._start(p, group, grad, low_rank_grad)
+        if not defer_moments:
+            self.prepare_moments(s, s.state)
         self._project(s, low_rank_grad)
         return s
+
+    def prepare_moments(self, s: ParamStep, moments: dict, device: torch.device | None = None) -> None:
+        """Apply ``s.moment_event`` to ``moments``, the dict that holds the inner rule's moments (the
+        engine's state, or a driver's), and make the step read them there.
+
+        Drop them or rotate them by the overlap; if none are held then, start fresh zeros on ``device``
+        (default: the parameter's) and the moment counter at 0. Count the step; set ``s.moments`` and
+        ``s.hp`` (whose bias correction counts the moments' steps). Once per step.
+        """
+        if s.moments is not None:
+            raise RuntimeError("prepare_moments runs once per step, and this step's moments are prepared already")
+        event, store, specs = s.moment_event, s.parts.store, s.parts.inner.moment_specs()
+        if event.drop:
+            store.drop(moments, specs)
+        elif event.overlap is not None and store.has(moments, specs):
+            opened = store.open(moments, specs)
+            s.parts.inner.rotate(opened, event.overlap, s.projector.side)
+            store.close(moments, specs, opened)
+        if event.shape is not None:
+            if not store.has(moments, specs):
+                store.zeros(moments, specs, event.shape, s.p.device if device is None else device)
+                s.state["moment_step"] = 0
+            s.state["moment_step"] += 1
+        s.moments = moments
+        s.hp = self._hyper(s.group, s.state, s.projector)
 
     def run_inner(self, s: ParamStep) -> Tensor | None:
         """Stage 2: the inner rule's direction N from ``s.R`` and its moments (opened from the store and
         closed again); None for a step without a subspace."""
+        _refuse_unprepared(s)
         if s.R is None:
             return None
-        specs = s.parts.inner.moment_specs()
-        moments = s.parts.store.open(s.state, specs)
+        moments = self.open_moments(s)
         N = s.parts.inner.direction(s.R, moments, s.hp)
-        s.parts.store.close(s.state, specs, moments)
+        self.close_moments(s, moments)
         return N
 
     @torch.no_grad()
     def finish(self, s: ParamStep, N: Tensor | None) -> None:
         """Stage 3: decay, ``-lr scale`` times the back-projected N (or the output rule's full-size update),
         and the residual rule's update; a step without a subspace (N None) applies the residual rule alone."""
+        _refuse_unprepared(s)
         hp, rule = s.hp, s.parts.residual
         if N is None:
             update = None if rule is None else rule.alone(s.grad)
@@ -725,14 +853,14 @@ class SubspaceAdamW(torch.optim.Optimizer):
 
     def open_moments(self, s: ParamStep) -> dict[str, Tensor]:
         """fp32 tensors of the inner rule's moments for ``s`` (an offloaded inner rule reads copies of them)."""
-        return s.parts.store.open(s.state, s.parts.inner.moment_specs())
+        return s.parts.store.open(s.moments, s.parts.inner.moment_specs())
 
     def close_moments(self, s: ParamStep, moments: dict[str, Tensor]) -> None:
         """Store moments opened by ``open_moments`` (after they were changed out of place, copy them in first)."""
-        s.parts.store.close(s.state, s.parts.inner.moment_specs(), moments)
+        s.parts.store.close(s.moments, s.parts.inner.moment_specs(), moments)
 
     def _start(self, p: Tensor, group: dict, grad: Tensor | None, low_rank_grad: Tensor | None) -> ParamStep:
-        """Counters, subspace and hyper-parameters of this step; no projection yet."""
+        """Counters, subspace and what happens to the moments at this step; no moment touched, no projection yet."""
         if grad is not None and grad.is_sparse:
             raise RuntimeError(SPARSE_GRADIENTS)
         projected = is_projected_group(group)
@@ -740,32 +868,24 @@ class SubspaceAdamW(torch.optim.Optimizer):
         if low_rank_grad is None:
             self._refuse_kernels_off_cuda(p, proj)
         parts, state = self.parts(group), self.state[p]
-        active = self._advance(p, group, proj, parts, state, grad)
+        event = self._advance(p, group, proj, state, grad)
+        active = event.shape is not None
         basis = proj.ops.basis(proj, state, p.device) if active else None
-        return ParamStep(p=p, group=group, grad=grad, state=state, projector=proj, parts=parts,
-                         hp=self._hyper(group, state, proj), active=active, basis=basis)
+        return ParamStep(p=p, group=group, grad=grad, state=state, projector=proj, parts=parts, moment_event=event,
+                         active=active, basis=basis)
 
-    def _advance(self, p: Tensor, group: dict, proj: Projector, parts: Parts, state: dict,
-                 grad: Tensor | None) -> bool:
-        """Count the step and move the subspace as the projector's schedule says; whether p has one now."""
+    def _advance(self, p: Tensor, group: dict, proj: Projector, state: dict, grad: Tensor | None) -> MomentEvent:
+        """Count the step and move the subspace as the projector's schedule says; what that does to the moments."""
         t = state.get("step", 0)
         event = proj.schedule(state, t, lambda cycle: self._block_active(p, group, cycle))
-        specs = parts.inner.moment_specs()
         state["step"] = t + 1
         if event == PAUSE:  # BAdam: an inactive block holds no state
-            parts.store.drop(state, specs)
             state["moment_step"] = 0
-        if event in (PAUSE, EMPTY):
-            return False
-        if event == REFRESH:
-            self._refresh(p, group, proj, parts, state, grad)
-        elif event == RESTART:
-            parts.store.drop(state, specs)
-        if not parts.store.has(state, specs):
-            parts.store.zeros(state, specs, proj.moment_shape(), p.device)
-            state["moment_step"] = 0
-        state["moment_step"] += 1
-        return True
+            return MomentEvent(drop=True, overlap=None, shape=None)
+        if event == EMPTY:
+            return MomentEvent(drop=False, overlap=None, shape=None)
+        drop, overlap = self._refresh(p, group, proj, state, grad) if event == REFRESH else (event == RESTART, None)
+        return MomentEvent(drop=drop, overlap=overlap, shape=tuple(proj.moment_shape()))
 
     def _hyper(self, group: dict, state: dict, proj: Projector) -> StepHyper:
         """The ``StepHyper`` of this step (plain groups: scale 1, no residual)."""
@@ -790,11 +910,12 @@ class SubspaceAdamW(torch.optim.Optimizer):
             R = ops.project(s.projector, s.grad, s.basis)
         s.R = R if R.dtype == torch.float32 else R.float()  # the moments are fp32
 
-    def _refresh(self, p: Tensor, group: dict, proj: Projector, parts: Parts, state: dict,
-                 grad: Tensor | None) -> None:
-        """A new subspace from ``grad``, and the moments carried across it by the group's ``moment_policy``:
-        keep them as they are (galore-torch), reset them (FRUGAL; ``reset_statistics=True``) or rotate them
-        into the new basis (the inner rule's ``rotate``; Adam's is ``functional.rotate_moments_``)."""
+    def _refresh(self, p: Tensor, group: dict, proj: Projector, state: dict,
+                 grad: Tensor | None) -> tuple[bool, Tensor | None]:
+        """A new subspace from ``grad``, and how the moments cross it by the group's ``moment_policy``, as
+        (drop, overlap): keep them as they are (galore-torch), reset them (FRUGAL; ``reset_statistics=True``;
+        and at the first subspace) or rotate them into the new basis by ``O = P_new^T P_old`` (the inner
+        rule's ``rotate``; Adam's is ``functional.rotate_moments_``)."""
         if grad is None:
             raise RuntimeError("a projector refresh needs the full gradient, got only a projected one")
         first = "proj_refresh" not in state
@@ -802,13 +923,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
         previous = proj.matrix(state, p.device) if policy == "rotate" and not first else None
         proj.refresh(grad, state)
         state["proj_offset"] = proj.offset
-        specs = parts.inner.moment_specs()
         if first or policy == "reset":
-            parts.store.drop(state, specs)
-        elif previous is not None and parts.store.has(state, specs):
-            moments = parts.store.open(state, specs)
-            parts.inner.rotate(moments, F.basis_overlap(proj.matrix(state, p.device), previous), proj.side)
-            parts.store.close(state, specs, moments)
+            return True, None
+        return False, None if previous is None else F.basis_overlap(proj.matrix(state, p.device), previous)
 
     # -- the fused kernels ----------------------------------------------------------------------------
     def _fuses(self, s: ParamStep) -> bool:
@@ -817,7 +934,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             return False
         from . import kernels  # lazy: only when fused is on (Triton is heavy to import)
 
-        store = s.parts.store.format_of(s.state, s.parts.inner.moment_specs())
+        store = s.parts.store.format_of(s.moments, s.parts.inner.moment_specs())
         output = None if s.parts.output is None else s.parts.output.name
         residual = None if s.parts.residual is None else s.parts.residual.name
         return kernels.fuses(s.projector.kind, inner=s.parts.inner.name, store=store, output=output,

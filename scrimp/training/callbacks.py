@@ -3,7 +3,8 @@ cross-rank state checks and atomic checkpoints.
 
 Memory categories follow the GaLore paper's accounting (Zhao et al., 2024, Fig. 1 / Table 1):
 weights, gradients, optimizer state; the optimizer state is measured exactly from the tensors
-held in ``optimizer.state`` by ``scrimp.optim.memory.state_bytes``. The peak is
+held in ``optimizer.state`` by ``scrimp.optim.memory.state_bytes``, and split by where it lives
+(``optimizer_state_tier_<device|cpu|disk>``: an offloaded optimizer keeps its moments in a tier). The peak is
 ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU it is the process peak RSS plus the
 bytes of live tensors (``scrimp.profiling.live_tensor_bytes``).
 
@@ -36,6 +37,19 @@ def optimizer_state_bytes(optimizer) -> dict[str, int]:
     from scrimp.optim.memory import state_bytes
 
     return {k: int(v) for k, v in state_bytes(optimizer).items()}
+
+
+def state_bytes_by_tier(optimizer) -> dict[str, int]:
+    """``optimizer_state_tier_<device|cpu|disk>``: where the optimizer state lives between steps.
+
+    ``device`` is what ``optimizer.state`` holds (on a CPU-only machine the device is the CPU). An
+    offloaded optimizer (``scrimp.optim.offload``) counts its tier's share itself, from the tier's
+    layouts: reading a disk tier's moments back here would inflate the peak RSS measured next."""
+    from scrimp.optim.memory import state_bytes
+
+    by_tier = getattr(optimizer, "state_bytes_by_tier", None)
+    counts = by_tier() if by_tier is not None else {"device": state_bytes(optimizer)["total"], "cpu": 0, "disk": 0}
+    return {f"optimizer_state_tier_{tier}": int(size) for tier, size in counts.items()}
 
 
 def peak_rss_bytes() -> int:
@@ -114,6 +128,7 @@ class ThroughputMemoryCallback(L.Callback):
         state = optimizer_state_bytes(optimizer)
         memory["optimizer_state"] = state["total"]
         memory.update({f"optimizer_state_{k}": v for k, v in state.items() if k != "total"})
+        memory.update(state_bytes_by_tier(optimizer))
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             memory["peak_cuda_allocated"] = int(torch.cuda.max_memory_allocated(pl_module.device))
         else:

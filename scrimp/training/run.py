@@ -36,18 +36,26 @@ from scrimp.training.callbacks import (
 from scrimp.training.models import LLAMA_SIZES
 from scrimp.training.module import CausalLMModule
 from scrimp.training.run_folder import (
+    RunFolderError,
     appending_csv_logger,
     check_checkpoint_space,
     checkpoint_enabled,
     open_run_folder,
     write_atomic,
 )
-from scrimp.training.validate import check_resume, check_resume_vocab, check_train_config, meta_model
+from scrimp.training.validate import (
+    check_resume,
+    check_resume_vocab,
+    check_train_config,
+    meta_model,
+    offload_settings,
+)
 
 SUMMARY_KEYS = (
     "status",          # "completed" or "pruned"
     "metrics",         # flat: val/loss, val/ppl, train/loss, train/tokens_per_s, memory/<category>
-    "memory_bytes",    # params, grads, optimizer_state (+ by kind), peak_rss + live_tensors or peak_cuda_allocated
+    "memory_bytes",    # params, grads, optimizer_state (+ by kind and optimizer_state_tier_<device|cpu|disk>),
+                       # peak_rss + live_tensors or peak_cuda_allocated
     "adamw_state_bytes",  # what torch AdamW would hold for the same trainable parameters
     "optimizer",       # name and optimization mode (automatic, zeroth_order, layerwise, manual)
     "data",            # documents, tokens and blocks per split, tokenizer
@@ -113,12 +121,21 @@ def build_datamodule(data_cfg: DictConfig):
     return get_class(target)(**kwargs)
 
 
-def build_module(cfg: DictConfig, vocab_size: int | None) -> CausalLMModule:
-    """The ``CausalLMModule`` from ``cfg.model``, ``cfg.optim`` and ``cfg.module``; builds the optimizer."""
+def offload_state_dir(run_dir: Path) -> Path:
+    """Where ``optim.offload=disk`` keeps the optimizer state when ``optim.offload_path`` is null."""
+    return run_dir / "offload"
+
+
+def build_module(cfg: DictConfig, vocab_size: int | None, run_dir: Path | None = None) -> CausalLMModule:
+    """The ``CausalLMModule`` from ``cfg.model``, ``cfg.optim`` and ``cfg.module``; builds the optimizer.
+
+    With ``optim.offload=disk`` and no ``optim.offload_path``, the state files go to ``<run_dir>/offload``."""
     module_cfg = cfg.get("module", {}) or {}
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    optim.update(offload_settings(optim, offload_state_dir(run_dir if run_dir is not None else resolve_run_dir(cfg))))
     module = CausalLMModule(
         model=cfg.model.name,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        optim=optim,
         vocab_size=vocab_size if cfg.model.name in LLAMA_SIZES else None,
         seed=int(cfg.seed),
         warmup_steps=int(module_cfg.get("warmup_steps", 0)),
@@ -129,6 +146,27 @@ def build_module(cfg: DictConfig, vocab_size: int | None) -> CausalLMModule:
     )
     module.build_optimizer()
     return module
+
+
+def check_space_after_build(run_dir: Path, module: CausalLMModule, cfg: DictConfig, checked_before: bool) -> None:
+    """The checkpoints' free-space check on the built model and optimizer: for a hub model (not sized
+    before) and after an ``optim.offload=disk`` tier has preallocated its files.
+
+    The check before the data cannot see the tier's files: on run_dir's disk, both would pass apart and
+    the checkpoints would later meet a full disk. Measured after the preallocation, the free space
+    already excludes them (on another disk they change nothing), so the same check covers both.
+    """
+    tier = getattr(module.build_optimizer(), "tier", None)
+    on_disk = getattr(tier, "name", None) == "disk"
+    if checked_before and not on_disk:
+        return
+    try:
+        check_checkpoint_space(run_dir, module.model, cfg.get("checkpoint"), cfg.trainer.get("max_steps", -1))
+    except RunFolderError as err:
+        if not on_disk:
+            raise
+        raise RunFolderError(f"{err}, or put optim.offload_path on another disk: the optimizer's disk tier has "
+                             f"just reserved {_fmt_bytes(tier.reserved)} under {str(tier.path)!r}") from None
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -221,9 +259,11 @@ def _train(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare()
     check_resume_vocab(resume, datamodule.tokenizer.vocab_size if cfg.model.name in LLAMA_SIZES else None)
-    module = build_module(cfg, datamodule.tokenizer.vocab_size)
-    if planned is None:
-        check_checkpoint_space(run_dir, module.model, cfg.get("checkpoint"), cfg.trainer.get("max_steps", -1))
+    module = build_module(cfg, datamodule.tokenizer.vocab_size, run_dir)
+    close = getattr(module.build_optimizer(), "close", None)  # an offloaded optimizer releases its disk tier
+    if close is not None:
+        held.callback(close)
+    check_space_after_build(run_dir, module, cfg, checked_before=planned is not None)
     module.fresh_optimizer_state = bool(resume and resume.fresh_optimizer)
     # -- training -------------------------------------------------------------------------------
     trainer = build_trainer(cfg, run_dir, extra_callbacks=_pruning_callbacks(cfg))
@@ -317,7 +357,12 @@ def print_summary_table(summary: dict, summary_path: Path) -> None:
     table.add_row("validation perplexity", f"{ppl:.2f}" if math.isfinite(ppl) else "n/a")
     table.add_row("validation loss", f"{m.get('val/loss', float('nan')):.4f}")
     table.add_row("training tokens/s", f"{m.get('train/tokens_per_s', float('nan')):.0f}")
+    offloaded = {tier: summary["memory_bytes"].get(f"optimizer_state_tier_{tier}", 0) for tier in ("cpu", "disk")}
+    state += sum(offloaded.values())  # an offloaded optimizer's tier holds the moments (optim.offload)
     table.add_row("optimizer state", _fmt_bytes(state))
+    for tier, size in offloaded.items():
+        if size:
+            table.add_row(f"  of which offloaded to {tier}", _fmt_bytes(size))
     table.add_row("AdamW would hold", _fmt_bytes(adamw))
     if adamw:
         table.add_row("state / AdamW", f"{state / adamw:.3f}")

@@ -20,6 +20,7 @@ schedule, max_steps, where the state lives) and those the user lists in ``resume
 from __future__ import annotations
 
 import difflib
+import fcntl
 import inspect
 import math
 import os
@@ -31,6 +32,9 @@ from typing import Any
 
 from scrimp.checks import is_integer, is_real
 from scrimp.optim.build import KNOWN_NAMES
+
+# The optimizer keys that say where its state lives (scrimp.optim.build's offload wrapper).
+OFFLOAD_KEYS = ("offload", "offload_path", "offload_prefetch")
 
 
 class ConfigError(ValueError):
@@ -222,6 +226,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "optim.momentum": optional(number(0, 1, open_high=True)),
     "optim.target_modules": optional(either(text(), list_of(text(), min_length=1),
                                             why="'all-linear' or a list of regular expressions")),
+    "optim.offload": optional(choice(("cpu", "disk"), why="where the optimizer state lives between steps")),
+    "optim.offload_path": optional(text(why="the disk tier's directory; null: <run_dir>/offload")),
+    "optim.offload_prefetch": optional(integer(0, why="states the disk tier reads ahead; null: 2")),
 }
 
 # Keys inside these sections must be known: a typo would otherwise be ignored or fail late.
@@ -398,6 +405,82 @@ def _check_manual_modes(flat: dict) -> None:
             raise ConfigError(str(err)) from None
 
 
+def _check_offload(flat: dict) -> None:
+    """Optimizer-state offload runs on one process with CPU parameters for now (``OffloadedOptimizer``)."""
+    tier = flat.get("optim.offload")
+    if tier is None:
+        return
+    import torch
+
+    accelerator = str(flat.get("trainer.accelerator", "auto"))
+    if accelerator in ("gpu", "cuda", "mps", "tpu") or (accelerator == "auto" and torch.cuda.is_available()):
+        raise ConfigError(f"optim.offload={tier!r} needs trainer.accelerator=cpu for now (the offloaded optimizer "
+                          f"takes CPU parameters; its device path is not built yet), got {accelerator!r}")
+    if planned_world_size(flat) > 1:
+        raise ConfigError(f"optim.offload={tier!r} runs on one process for now, got a trainer on "
+                          f"{planned_world_size(flat)} processes (use trainer=cpu or optim.offload=null)")
+
+
+def offload_settings(optim: Mapping, default_path: str | os.PathLike) -> dict:
+    """The offload keys of ``optim`` that are set, with ``default_path`` as the disk tier's directory when
+    none is given (the run puts it inside the run folder)."""
+    settings = {k: optim[k] for k in OFFLOAD_KEYS if optim.get(k) is not None}
+    # Only null means the default: an empty path (an unset shell variable, say) is refused by the build.
+    if settings.get("offload") == "disk" and "offload_path" not in settings:
+        settings["offload_path"] = str(default_path)
+    return settings
+
+
+def _probe_offload_path(flat: Mapping) -> None:
+    """Create and probe an explicit ``optim.offload_path`` of the disk tier before any work.
+
+    Without this, an unwritable, full or in-use directory shows only when the optimizer is built,
+    after the data are prepared and the run folder is created. The probe writes and fsyncs a few KB
+    (``run_folder.probe_writable``: a full disk or a read-only mount shows only on a real write) and
+    asks the tier's lock without taking it. The default path, inside run_dir, is probed with the run
+    folder, which the run's own lock keeps to one process.
+    """
+    path = flat.get("optim.offload_path")
+    if flat.get("optim.offload") != "disk" or not path:
+        return
+    from scrimp.training.run_folder import ensure_folder, probe_writable
+
+    folder = Path(path)
+    try:
+        ensure_folder(folder, "optim.offload_path")
+        probe_writable(folder, "optim.offload_path")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    holder = disk_tier_holder(folder)
+    if holder is not None:
+        raise ConfigError(f"optim.offload_path {str(path)!r} is in use by another optimizer's disk tier (process "
+                          f"{holder}); give each run its own optim.offload_path or wait for that run to end")
+
+
+def disk_tier_holder(folder: Path) -> str | None:
+    """The pid recorded by the live disk tier that holds ``folder``, or None when none holds it.
+
+    Asks the tier's ``flock`` without blocking and releases it at once (closing the descriptor): the
+    kernel drops a dead process's lock, so a lock file left by a killed run does not count.
+    """
+    from scrimp.optim.offload.tiers import LOCK_NAME
+
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ConfigError(f"optim.offload_path {str(folder)!r} holds a disk-tier lock file that cannot be opened "
+                          f"({err.strerror or err}); fix its permissions or choose another optim.offload_path") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+    return None
+
+
 def _accelerator_device_count(accelerator: str) -> int:
     """How many devices ``-1`` or ``"auto"`` means for ``accelerator`` on this machine (as Lightning counts)."""
     import torch
@@ -502,18 +585,22 @@ def _check_optimizer_dry_build(container: dict) -> None:
     """Build the optimizer on the meta-device model: its constructor's checks (rank against each weight's
     shape, projector names, ...) then speak before any work, with the key named as ``optim.<key>``."""
     from scrimp.optim import build
+    from scrimp.optim.build import offload_options
 
     model = meta_model(container)
     if model is None:
         return
-    # Where the state lives is the real parameters' business: fused kernels refuse meta tensors.
-    optim = {k: v for k, v in container["optim"].items() if k not in ("fused", "foreach")}
+    # Where the state lives is the real parameters' business: fused kernels refuse meta tensors, and the
+    # offload wrapper takes CPU parameters and creates files; its own settings are checked without building it.
+    optim = {k: v for k, v in container["optim"].items() if k not in ("fused", "foreach") + OFFLOAD_KEYS}
     try:
+        offload_options(optim.get("name"), {"layerwise": optim.get("layerwise"),
+                                            **offload_settings(container["optim"], "<run_dir>/offload")})
         build(optim, model)
     except (ValueError, TypeError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         first = re.match(r"[A-Za-z_]*", message).group()
-        if first in optim and first != "name":
+        if first in container["optim"] and first != "name":
             message = f"optim.{message}"
         raise ConfigError(message) from None
 
@@ -522,8 +609,9 @@ def check_train_config(cfg) -> dict:
     """Check every key of a composed ``train`` config; returns the resolved config as a plain dict.
 
     Order: unknown keys, each key's own rule, then the rules that relate keys, then the optimizer's
-    constructor on a meta-device model. Nothing is read from disk but the data paths' names and the
-    checkpoint's saved settings (``check_resume``)."""
+    constructor on a meta-device model, then an explicit ``optim.offload_path`` (created and probed).
+    Nothing else is read from disk but the data paths' names and the checkpoint's saved settings
+    (``check_resume``)."""
     container = _container(cfg)
     _check_section_keys(container)
     _check_loggers(container.get("logger"))
@@ -535,14 +623,17 @@ def check_train_config(cfg) -> dict:
     _check_validation_interval(flat)
     _check_manual_modes(flat)
     _check_data_source(flat)
+    _check_offload(flat)
     _check_optimizer_dry_build(container)
+    _probe_offload_path(flat)  # last: it creates the folder, so only for an otherwise valid config
     return container
 
 
 # -- resume: the checkpoint against the config -----------------------------------------------------
 # Optimizer settings that may differ on resume: the step size (the schedule re-applies it) and
 # where the state lives; anything else changes what the saved state means.
-RESUMABLE_OPTIM_KEYS = ("lr", "fused", "foreach", "tier", "offload", "offload_dir", "offload_path", "device")
+RESUMABLE_OPTIM_KEYS = ("lr", "fused", "foreach", "tier", "offload", "offload_dir", "offload_path", "offload_prefetch",
+                        "device")
 
 
 @dataclass

@@ -7,12 +7,16 @@
 
 Between steps the engine's state keeps only the projector's state and the counters (``proj_P``,
 ``step``, ...); the inner rule's moments (``exp_avg``, ``exp_avg_sq``, their 8-bit forms, Natural
-GaLore's history) are in the tier. Each parameter steps through the engine's public stages, as
-ZeRO-Offload (Ren et al., 2021) runs Adam on the host: ``begin`` (refresh, project), the *host
-update* ``N = inner.direction(R, moments, hp)`` on the tier's tensors, ``finish`` (back-project,
+GaLore's history) are in the tier. Each parameter steps through the engine's public stages on the
+tier's tensors, as ZeRO-Offload (Ren et al., 2021) runs Adam on the host: ``begin`` (refresh,
+project; ``defer_moments=True`` leaves the moments' transition at a refresh in ``s.moment_event``),
+``prepare_moments`` (that transition applied to the tier's dict: drop, rotate or fresh zeros), the
+*host update* ``run_inner`` (``N`` from R and the tier's moments), ``finish`` (back-project,
 residual, apply). A low-rank optimizer's host update reads only R and returns only N, which is why
-offload suits it (issue 15). Plain (non-projected) groups step through the engine's own ``step()``
-one parameter at a time, so they equal the engine's batched AdamW bitwise.
+offload suits it (issue 15). Plain (non-projected) groups step with ``step_param(p, group, grad,
+moments=...)``, the engine's batched AdamW on one parameter, so they equal ``step()`` bitwise. What the
+tier allocates is the engine's ``moment_layout``, and a non-finite gradient is refused in the
+engine's own sentence (``refuse_nonfinite_gradients``).
 
 Not yet: CUDA parameters (pinned buffers, a copy stream), the streamed-state mode, a placement plan,
 zeroth-order optimizers and the layer-wise wrapper; each is refused in one sentence.
@@ -21,22 +25,23 @@ zeroth-order optimizers and the layer-wise wrapper; each is refused in one sente
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..finite_guard import first_nonfinite
 from ..layerwise import LayerwiseOptimizer
+from ..memory import state_bytes
 from ..moments import stored_keys
-from ..state_check import describe
-from ..subspace import SPARSE_GRADIENTS, ParamStep, SubspaceAdamW, is_projected_group
+from ..subspace import SPARSE_GRADIENTS, SubspaceAdamW, is_projected_group
 from ..zo import ZerothOrderOptimizer
-from .tiers import CpuTier, DiskTier, Layout, layout_of, make_tier
+from .tiers import TIERS, CpuTier, DiskTier, TensorSlot, make_tier
 
 __all__ = ["OffloadedOptimizer"]
+
+CLOSED = ("this OffloadedOptimizer was closed (close() released its tier); build a new one and load its state from "
+          "a checkpoint to go on")
 
 
 def _refuse_unsupported(optimizer: Any) -> None:
@@ -57,39 +62,6 @@ def moment_keys(optimizer: SubspaceAdamW, group: dict) -> tuple[str, ...]:
     return tuple(key for spec in optimizer.parts(group).inner.moment_specs() for key in stored_keys(spec))
 
 
-def moment_layout(optimizer: SubspaceAdamW, p: Tensor, group: dict) -> Layout:
-    """The moments' layout for ``p``, as the group's store creates it (on ``meta``: no memory)."""
-    parts = optimizer.parts(group)
-    shape = optimizer.low_rank_shape(p, group)
-    scratch: dict[str, Tensor] = {}
-    parts.store.zeros(scratch, parts.inner.moment_specs(), tuple(p.shape) if shape is None else shape,
-                      torch.device("meta"))
-    return layout_of(scratch)
-
-
-def host_update(optimizer: SubspaceAdamW, s: ParamStep) -> Tensor | None:
-    """The inner rule on R and the moments where they are (the host): N, or None without a subspace this step."""
-    if s.R is None:
-        return None
-    moments = optimizer.open_moments(s)
-    N = s.parts.inner.direction(s.R, moments, s.hp)
-    optimizer.close_moments(s, moments)
-    return N
-
-
-@contextmanager
-def gradients_aside(params: list[Tensor]) -> Iterator[dict[Tensor, Tensor]]:
-    """Take the gradients off ``params`` for the step and put them back after it, whatever happens."""
-    saved = {p: p.grad for p in params if p.grad is not None}
-    for p in saved:
-        p.grad = None
-    try:
-        yield saved
-    finally:
-        for p, grad in saved.items():
-            p.grad = grad
-
-
 class OffloadedOptimizer(torch.optim.Optimizer):
     """A ``SubspaceAdamW`` (or subclass) whose moments live in ``tier``: "cpu" (host memory) or "disk"
     (files under ``path``, ``prefetch`` states read ahead; ``max_bytes`` caps the files).
@@ -97,7 +69,9 @@ class OffloadedOptimizer(torch.optim.Optimizer):
     It shares the wrapped optimizer's ``param_groups``, ``state`` and ``defaults``, so LR schedulers
     work, and touches gradients only inside ``step()``, so ``clip_grad_norm_`` and accumulation work.
     ``state_dict()`` is the wrapped optimizer's format with the moments read back from the tier, so a
-    plain optimizer loads it and it loads a plain optimizer's. ``close()`` releases a disk tier's path.
+    plain optimizer loads it and it loads a plain optimizer's. ``close()`` releases a disk tier's path;
+    a closed optimizer refuses to step or save in one sentence. ``state_bytes_by_tier()`` says where the
+    state lives without reading it back, and ``check_finite`` is the wrapped optimizer's switch.
     """
 
     def __init__(self, optimizer: SubspaceAdamW, tier: str = "cpu", path: str | os.PathLike | None = None,
@@ -110,6 +84,7 @@ class OffloadedOptimizer(torch.optim.Optimizer):
         self._adopting = False
         self.tier: CpuTier | DiskTier = make_tier(tier, path, prefetch=prefetch, max_bytes=max_bytes)
         self._keys: dict[Tensor, int] = {}
+        self._closed = False
         try:
             for group in self.param_groups:
                 self._allocate(group)
@@ -137,10 +112,20 @@ class OffloadedOptimizer(torch.optim.Optimizer):
         if value:  # as param_groups: only torch's empty initial state is ever assigned
             raise AttributeError("state is the wrapped optimizer's (the moments are in the tier); use load_state_dict")
 
+    @property
+    def check_finite(self) -> bool:
+        """The wrapped optimizer's refusal of non-finite gradients, which ``step()`` runs."""
+        return self.optimizer.check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        self.optimizer.check_finite = value
+
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the wrapped optimizer and preallocate its parameters' state in the tier."""
         if self._adopting:  # torch's __init__ offers the wrapped optimizer's own groups back
             return
+        self._refuse_closed()
         group = dict(param_group) if isinstance(param_group, dict) else {"params": param_group}
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)  # a generator is read once
@@ -151,46 +136,38 @@ class OffloadedOptimizer(torch.optim.Optimizer):
     def _allocate(self, group: dict) -> None:
         for p in group["params"]:
             self._keys[p] = len(self._keys)
-            self.tier.allocate(self._keys[p], moment_layout(self.optimizer, p, group))
+            layout = self.optimizer.moment_layout(p, group)
+            self.tier.allocate(self._keys[p], {key: TensorSlot(*slot) for key, slot in layout.items()})
 
     # -- stepping ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step of every parameter with a gradient, its moments loaded from the tier and stored back."""
+        self._refuse_closed()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         stepping = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         self._refuse_bad_gradients()
-        self.tier.plan([self._keys[p] for _, p in stepping])
-        with gradients_aside([p for g in self.param_groups for p in g["params"]]) as grads:
-            for group, p in stepping:
-                self._step_one(p, group, grads[p])
+        self.tier.plan([self._keys[p] for _, p in stepping])  # a failed write behind raises here, before any change
+        for group, p in stepping:
+            self._step_one(p, group, p.grad)
         return loss
 
     def _step_one(self, p: Tensor, group: dict, grad: Tensor) -> None:
-        """Admit the moments into the engine's state for this parameter's step only, then evict them."""
-        loaded = self.tier.load(self._keys[p])
-        if loaded:
-            self.optimizer.state[p].update(loaded)
+        """One parameter's step on the moments the tier holds for it, stored back whatever happens."""
+        key, engine = self._keys[p], self.optimizer
+        moments = self.tier.load(key)
         try:
             if is_projected_group(group):
-                s = self.optimizer.begin(p, group, grad)
-                self.optimizer.finish(s, host_update(self.optimizer, s))
+                s = engine.begin(p, group, grad, defer_moments=True)
+                engine.prepare_moments(s, moments)
+                engine.finish(s, engine.run_inner(s))  # the host update, then the write on the device
             else:
-                self._plain_step(p, grad)
+                engine.step_param(p, group, grad, moments=moments)
         finally:
-            self._evict(p, group)
-
-    def _plain_step(self, p: Tensor, grad: Tensor) -> None:
-        """The engine's own AdamW for a plain parameter: ``step()`` with only this gradient set (the
-        engine batches plain groups with foreach ops, which the stages do not reproduce bitwise)."""
-        p.grad = grad
-        try:
-            self.optimizer.step()
-        finally:
-            p.grad = None
+            self.tier.store(key, moments)
 
     def _evict(self, p: Tensor, group: dict) -> None:
         """Move the parameter's moments from the engine's state to the tier (``{}``: it has none now)."""
@@ -204,22 +181,18 @@ class OffloadedOptimizer(torch.optim.Optimizer):
                 self._evict(p, group)
 
     def _refuse_bad_gradients(self) -> None:
-        """Sparse or non-finite gradients: one sentence before any weight, state or tier changes."""
-        located = [(g, i, p) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])
-                   if p.grad is not None]
-        if any(p.grad.is_sparse for _, _, p in located):
+        """Sparse or non-finite gradients: one sentence (the engine's) before any weight, state or tier changes."""
+        if any(p.grad is not None and p.grad.is_sparse for g in self.param_groups for p in g["params"]):
             raise RuntimeError(SPARSE_GRADIENTS)
-        if not self.optimizer.check_finite:
-            return
-        bad = first_nonfinite([p.grad for _, _, p in located])
-        if bad is not None:
-            raise FloatingPointError(f"the gradient of {describe(*located[bad])} holds inf or NaN; step() stopped "
-                                     "before changing any weight or optimizer state (check_finite=False turns this "
-                                     "check off)")
+        if self.optimizer.check_finite:
+            self.optimizer.refuse_nonfinite_gradients()
 
     # -- state dicts ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The wrapped optimizer's state dict with every parameter's moments read back from the tier."""
+        """The wrapped optimizer's state dict with every parameter's moments read back from the tier (a
+        failed write behind raises here: its moments would be older than the counters beside them)."""
+        self._refuse_closed()
+        self.tier.flush()
         sd = self.optimizer.state_dict()
         flat = [p for g in self.param_groups for p in g["params"]]
         for index, p in enumerate(flat):
@@ -231,13 +204,31 @@ class OffloadedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load into the wrapped optimizer (its checks refuse a state that does not fit, changing nothing),
         then move the moments into the tier."""
+        self._refuse_closed()
+        self.tier.flush()
         self.tier.plan([])  # reads ahead of an interrupted step hold stale state
         self.optimizer.load_state_dict(state_dict)
         self._evict_all()
 
+    def state_bytes_by_tier(self) -> dict[str, int]:
+        """Bytes of optimizer state by where it lives between steps: ``device`` (the wrapped optimizer's
+        ``state``: projectors, counters) and each tier, from the tier's layouts of the states it holds,
+        so a disk tier's moments are counted without being read back into memory."""
+        self._refuse_closed()
+        counts = {"device": int(state_bytes(self.optimizer)["total"]), **dict.fromkeys(TIERS, 0)}
+        counts[self.tier.name] = self.tier.held_bytes()
+        return counts
+
     def close(self) -> None:
-        """Write everything behind and release the tier (a disk tier's path can then take another optimizer)."""
-        self.tier.close()
+        """Write everything behind and release the tier (a disk tier's path can then take another optimizer).
+        A second ``close`` does nothing."""
+        if not self._closed:
+            self._closed = True
+            self.tier.close()
+
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise RuntimeError(CLOSED)
 
 
 def _refuse_off_cpu(groups: list[dict]) -> None:

@@ -5,7 +5,12 @@ declared once with ``allocate`` before the first step. ``load(key)`` hands the p
 the step, ``store(key, tensors)`` takes them back (any subset of the layout: a state that was never
 created or was dropped, BAdam's inactive blocks say, is stored as ``{}``). ``plan(keys)`` announces
 the order of the coming loads, so that the disk tier can read ahead. ``read_copy(key)`` gives tensors
-for a state dict. The checkpoint, not the tier, is the source of truth: the tier's files are scratch.
+for a state dict, and ``held_bytes()`` what the tier holds, counted from the layouts (nothing is read).
+The checkpoint, not the tier, is the source of truth: the tier's files are scratch.
+
+A write behind that fails (EIO, say) leaves a file older than the optimizer's counters, so the disk
+tier settles the pending writes before every ``plan`` and ``read_copy`` and, once one has failed,
+refuses every further step and state dict in the same sentence: never a silently stale checkpoint.
 
 The disk tier follows MemAscend (one of this project's founding papers) in reading into a reusable
 pool of host buffers bucketed by (shape, dtype), and ZeRO-Infinity (Rajbhandari et al., 2021) in
@@ -88,6 +93,8 @@ class StateTier(Protocol):
 
     def read_copy(self, key: int) -> dict[str, Tensor]: ...
 
+    def held_bytes(self) -> int: ...
+
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
@@ -121,6 +128,10 @@ class CpuTier:
         """The held tensors themselves, as ``torch.optim.Optimizer.state_dict`` returns references."""
         return dict(self._held[key])
 
+    def held_bytes(self) -> int:
+        """Bytes of the state tensors held now."""
+        return sum(slot_bytes(self._layouts[key][name]) for key, held in self._held.items() for name in held)
+
     def flush(self) -> None:
         """Nothing is in flight."""
 
@@ -130,7 +141,7 @@ class CpuTier:
 
 class BufferPool:
     """Reusable host buffers bucketed by (shape, dtype), as MemAscend's pool: a read-ahead takes one per
-    tensor and the write-behind gives it back, so a run allocates about (prefetch + 2) states' worth once.
+    tensor and the write-behind gives it back, so a run allocates at most what a step holds at once, once.
 
     ``keep`` bounds each bucket; buffers beyond it are left to the allocator. Thread safe.
     """
@@ -180,6 +191,21 @@ def write_from(fd: int, t: Tensor, offset: int) -> None:
     view, done = _bytes_of(t.contiguous()), 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
+
+
+def state_file(key: int) -> str:
+    return f"state_{key:06d}.bin"
+
+
+def write_failure(path: Path, key: int, err: BaseException) -> Exception:
+    """The one sentence for a failed write behind (an ``OSError`` keeps its errno)."""
+    reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    message = (f"the disk tier could not write the state of parameter {key} to {str(path / state_file(key))!r} "
+               f"({reason}), so that file is older than the optimizer's counters and the tier refuses every further "
+               "step and state dict: close this optimizer and resume from the last checkpoint with a new one")
+    failure = OSError(err.errno, message) if isinstance(err, OSError) else RuntimeError(message)
+    failure.__cause__ = err
+    return failure
 
 
 def preallocate(fd: int, size: int) -> None:
@@ -258,22 +284,26 @@ class DiskTier:
         self._offsets: dict[int, dict[str, int]] = {}
         self._present: dict[int, tuple[str, ...]] = {}
         self._fds: dict[int, int] = {}
-        self.pool = BufferPool(keep=prefetch + 2)
+        # what a step holds at once: reads ahead, the state in hand, writes waiting (all back after a plan)
+        self.pool = BufferPool(keep=2 * prefetch + 2)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrimp-disk-tier")
         self._reads: dict[int, Future] = {}
         self._ahead: deque[int] = deque()
-        self._writes: deque[Future] = deque()
+        self._writes: deque[tuple[int, Future]] = deque()
+        self._failure: Exception | None = None  # the first failed write behind: every later use raises it
+        self._closed = False
         self._finalizer = weakref.finalize(self, _release, self._io, self._fds, self._lock_fd)
 
     # -- allocation ---------------------------------------------------------------------------------
     def allocate(self, key: int, layout: Layout) -> None:
         """Create and preallocate the parameter's file: a full disk is one sentence here, before any step."""
+        self._check_usable()
         offsets, size = file_offsets(layout)
         if self.max_bytes is not None and self.reserved + size > self.max_bytes:
             raise OSError(errno.ENOSPC, f"the disk tier under {str(self.path)!r} has no room for the state of parameter "
                           f"{key}: it needs {size} bytes and {self.max_bytes - self.reserved} of max_bytes="
                           f"{self.max_bytes} are left; free space, raise max_bytes or choose another path")
-        fd = os.open(self.path / f"state_{key:06d}.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(self.path / state_file(key), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._fds[key] = fd
         try:
             preallocate(fd, size)
@@ -286,13 +316,17 @@ class DiskTier:
 
     # -- the step's traffic ---------------------------------------------------------------------------
     def plan(self, keys: list[int]) -> None:
-        """The order of the coming ``load``s: read the first ``prefetch`` states ahead now."""
+        """The order of the coming ``load``s: read the first ``prefetch`` states ahead now, once every
+        write behind has landed (a failed one raises here, before the step changes anything)."""
+        self._check_usable()
+        self._settle_writes(limit=0)
         self._drop_reads()
         self._ahead = deque(keys)
         self._read_ahead()
 
     def load(self, key: int) -> dict[str, Tensor]:
         """The parameter's present state in pool buffers (its read-ahead, or a read now), and the next read-ahead."""
+        self._check_usable()
         while self._ahead and self._ahead[0] != key and key in self._ahead:
             self._ahead.popleft()  # planned keys that were skipped keep no read
         if self._ahead and self._ahead[0] == key:
@@ -303,29 +337,51 @@ class DiskTier:
 
     def store(self, key: int, tensors: dict[str, Tensor]) -> None:
         """Write the state behind (its buffers go back to the pool once written)."""
+        self._check_usable()
         check_fits(key, self._layouts[key], tensors)
         self._present[key] = tuple(tensors)
         if tensors:
-            self._writes.append(self._io.submit(self._write, key, dict(tensors)))
+            self._writes.append((key, self._io.submit(self._write, key, dict(tensors))))
         self._settle_writes(limit=self.prefetch + 1)
 
     def read_copy(self, key: int) -> dict[str, Tensor]:
-        """Fresh tensors of the parameter's state (after every write submitted before)."""
+        """Fresh tensors of the parameter's state, once every write behind has landed (a failed one raises)."""
+        self._check_usable()
+        self._settle_writes(limit=0)
         return self._submit_read(key, lambda slot: torch.empty(slot.shape, dtype=slot.dtype)).result()
 
     def prefetched(self) -> tuple[int, ...]:
         """Keys whose state is being or has been read ahead."""
         return tuple(self._reads)
 
+    def held_bytes(self) -> int:
+        """Bytes of the state tensors the files hold now, from the layouts: nothing is read."""
+        return sum(slot_bytes(self._layouts[key][name]) for key, names in self._present.items() for name in names)
+
     def flush(self) -> None:
         """Wait for every write; raise the first I/O error."""
+        self._check_usable()
         self._settle_writes(limit=0)
 
     def close(self) -> None:
-        """Finish the I/O, close the files and release ``path`` for another optimizer."""
-        self._drop_reads()
-        self.flush()
-        self._finalizer()
+        """Finish the I/O, close the files and release ``path`` for another optimizer, whatever failed.
+        Raises a failed write that nobody has seen yet; a second ``close`` does nothing."""
+        if self._closed:
+            return
+        try:
+            self._drop_reads()
+            if self._failure is None:
+                self._settle_writes(limit=0)
+        finally:
+            self._closed = True
+            self._finalizer()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the disk tier under {str(self.path)!r} was closed; build a new optimizer (and tier) "
+                               "and load its state from a checkpoint")
+        if self._failure is not None:
+            raise self._failure.with_traceback(None)  # the same error each time, its traceback not grown
 
     # -- the worker's side ----------------------------------------------------------------------------
     def _submit_read(self, key: int, buffer) -> Future:
@@ -350,14 +406,19 @@ class DiskTier:
     def _drop_reads(self) -> None:
         """Give back the buffers of reads ahead that no load will take (an interrupted step)."""
         for future in self._reads.values():
-            for t in future.result().values():
-                self.pool.give(t)
+            if future.exception() is None:  # a failed read of a state nobody takes matters to no one
+                for t in future.result().values():
+                    self.pool.give(t)
         self._reads.clear()
         self._ahead.clear()
 
     def _settle_writes(self, limit: int) -> None:
-        while self._writes and (len(self._writes) > limit or self._writes[0].done()):
-            self._writes.popleft().result()  # re-raises the worker's I/O error here
+        while self._writes and (len(self._writes) > limit or self._writes[0][1].done()):
+            key, future = self._writes.popleft()
+            error = future.exception()  # waits for the write
+            if error is not None:
+                self._failure = write_failure(self.path, key, error)
+                raise self._failure
 
 
 def make_tier(tier: str, path: str | os.PathLike | None = None, *, prefetch: int = 2,

@@ -5,8 +5,10 @@ scheduler, gradient clipping and two-micro-batch accumulation; resume from an of
 must equal the uninterrupted run, into any tier and into no offload.
 """
 
+import errno
 import io
 import os
+import re
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from scrimp.optim import (
     layerwise,
     param_groups,
 )
-from scrimp.optim.offload import OffloadedOptimizer
+from scrimp.optim.offload import OffloadedOptimizer, tiers
 
 STEPS = 20
 MAKERS = {
@@ -276,3 +278,178 @@ def test_optimizers_it_cannot_drive_are_refused(make, match):
 def test_bad_arguments_are_one_sentence(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OffloadedOptimizer(MAKERS["galore"](model()), **kwargs)
+
+
+# -- a run killed in the middle of a tier write --------------------------------------------------------
+
+KILLED_RUN = r"""
+import importlib.util, itertools, os, sys, time
+import torch
+from scrimp.optim.offload import OffloadedOptimizer, tiers
+
+test_file, tier_path, checkpoint, marker = sys.argv[1:]
+spec = importlib.util.spec_from_file_location("offload_tests", test_file)
+t = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(t)
+torch.set_num_threads(1)  # as the parent's runs
+net = t.model()
+opt = OffloadedOptimizer(t.MAKERS["galore"](net), tier="disk", path=tier_path, prefetch=1)
+sched = t.schedule(opt)
+write_whole = tiers.write_from
+
+
+def torn_write(fd, tensor, offset):
+    # half of one state tensor reaches its file; the parent kills this process before the rest does
+    write_whole(fd, tensor.contiguous().reshape(-1).view(torch.uint8)[: tensor.numel() * tensor.itemsize // 2],
+                offset)
+    open(marker, "w").close()
+    time.sleep(120)
+
+
+for step in itertools.count():
+    t.train(net, opt, sched, [step])
+    if step % 3 == 2:  # a checkpoint every third step, written atomically
+        torch.save({"step": step + 1, "model": net.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict()}, checkpoint + ".tmp")
+        os.replace(checkpoint + ".tmp", checkpoint)
+    if step == 8:  # the refresh at step 10 and later writes go on after the checkpoint of step 9
+        tiers.write_from = torn_write
+"""
+
+
+def test_a_run_killed_during_a_tier_write_resumes_from_its_checkpoint_bitwise(tmp_path, plain_runs):
+    """SIGKILL while a disk-tier write is half done: the tier's files are torn and ahead of the
+    checkpoint, which is the source of truth. A new optimizer on the same path (the dead process's
+    lock is gone) resumes from the checkpoint and ends where the uninterrupted run does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tier_path, checkpoint, marker = tmp_path / "tier", tmp_path / "ckpt.pt", tmp_path / "mid-write"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, __file__, str(tier_path), str(checkpoint),
+                              str(marker)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the child never reached the torn write"
+            time.sleep(0.02)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["step"] == 9
+    net = model(seed=1)
+    net.load_state_dict(saved["model"])
+    opt = OffloadedOptimizer(MAKERS["galore"](net), tier="disk", path=tier_path, prefetch=1)
+    sched = schedule(opt)
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    train(net, opt, sched, range(saved["step"], STEPS))
+    assert_same_weights(plain_runs["galore"][0], net)
+    assert_same_state(plain_runs["galore"][1].state_dict(), opt.state_dict())
+    opt.close()
+
+
+def test_a_nonfinite_gradient_is_refused_in_the_engines_own_sentence():
+    sentences = []
+    for wrap_it in (False, True):
+        net = model()
+        opt = MAKERS["frugal"](net)
+        opt = OffloadedOptimizer(opt) if wrap_it else opt
+        net[0].weight.grad = torch.full_like(net[0].weight, float("nan"))
+        with pytest.raises(FloatingPointError) as caught:
+            opt.step()
+        sentences.append(str(caught.value))
+    assert sentences[0] == sentences[1]
+
+
+# -- a failed write behind, a closed optimizer, what it reports -----------------------------------------
+
+
+def accumulate(net, step):
+    for x in micro_batches(step):
+        net(x).pow(2).mean().backward()
+
+
+def test_a_failed_write_behind_refuses_the_checkpoint_and_the_next_step(tmp_path, monkeypatch):
+    """EIO on one write behind: the moments on disk are older than the counters, so the step that meets it
+    (or, when the write fails after the step returned, the next state_dict()) raises one sentence naming the
+    parameter and its file, and from then on every state_dict() and step() raises it without changing a
+    weight. Which of the step's writes fails first depends on the I/O thread, so the sentence is matched
+    for any parameter."""
+    net, opt, _ = run("galore", "disk", tmp_path / "tier", steps=range(2))
+    write_whole, calls = tiers.write_from, []
+
+    def fail_first(fd, tensor, offset):
+        calls.append(offset)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        write_whole(fd, tensor, offset)
+
+    monkeypatch.setattr(tiers, "write_from", fail_first)
+    sentence = r"could not write the state of parameter \d+ to .*state_\d+\.bin.*Input/output error"
+    accumulate(net, 2)
+    try:
+        opt.step()
+    except OSError as err:  # met inside the step, when a later parameter's read waited for the writes
+        assert re.search(sentence, str(err))
+    opt.zero_grad()
+    with pytest.raises(OSError, match=sentence):
+        opt.state_dict()
+    weights = [p.detach().clone() for p in net.parameters()]
+    accumulate(net, 3)
+    with pytest.raises(OSError, match=sentence):
+        opt.step()
+    assert all(torch.equal(p, w) for p, w in zip(net.parameters(), weights))
+    with pytest.raises(OSError, match=sentence):
+        opt.state_dict()  # still: a second try must not hand out the stale moments either
+    opt.close()  # releases the path without raising again
+    OffloadedOptimizer(MAKERS["galore"](model()), tier="disk", path=tmp_path / "tier").close()
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_a_closed_optimizer_is_one_sentence(tier, tmp_path):
+    net, opt, _ = run("galore", tier, tmp_path / "tier", steps=range(1))
+    opt.close()
+    opt.close()  # a second close does nothing
+    accumulate(net, 1)
+    for use in (opt.step, opt.state_dict, lambda: opt.load_state_dict({}), opt.state_bytes_by_tier):
+        with pytest.raises(RuntimeError, match="this OffloadedOptimizer was closed"):
+            use()
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+@pytest.mark.parametrize("name", ["galore", "galore8bit", "frugal_blocks"])
+def test_state_bytes_by_tier_counts_the_state_dict_without_reading_the_tier(name, tier, tmp_path, monkeypatch):
+    """The reference is the state dict: its tensors beyond the engine's own state are the tier's."""
+    net, opt, _ = run(name, tier, tmp_path / "tier", steps=range(6))  # frugal_blocks: a block without moments
+    params = [p for group in opt.param_groups for p in group["params"]]
+    in_tier = sum(value.nbytes for index, entry in opt.state_dict()["state"].items() for key, value in entry.items()
+                  if key not in opt.state.get(params[index], {}) and torch.is_tensor(value))
+    on_device = sum(value.nbytes for entry in opt.state.values() for value in entry.values() if torch.is_tensor(value))
+
+    def no_reads(*args):
+        raise AssertionError("state_bytes_by_tier read the state back")
+
+    monkeypatch.setattr(tiers, "read_into", no_reads)
+    other = "disk" if tier == "cpu" else "cpu"
+    assert opt.state_bytes_by_tier() == {"device": on_device, tier: in_tier, other: 0}
+    assert in_tier > 0
+    opt.close()
+
+
+def test_check_finite_is_the_wrapped_optimizers_switch():
+    net = model()
+    engine = MAKERS["galore"](net)
+    opt = OffloadedOptimizer(engine)
+    assert opt.check_finite is engine.check_finite is True
+    opt.check_finite = False
+    assert engine.check_finite is False
+    net[2].bias.grad = torch.full_like(net[2].bias, float("nan"))
+    opt.step()  # not refused: the switch is off
+    assert net[2].bias.isnan().all()
+    opt.close()

@@ -1,11 +1,14 @@
 """Tests for scrimp/optim/offload/tiers.py: what a tier stores it gives back, the disk tier reads ahead
-into a bounded pool, reserves its files before the first step, and keeps its path to one optimizer."""
+into a bounded pool, reserves its files before the first step, keeps its path to one optimizer, and refuses
+every use after a failed write behind or close() in one sentence."""
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -201,3 +204,85 @@ def test_a_state_outside_the_layout_is_refused(tier, tmp_path):
 def test_make_tier_refuses_bad_arguments(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_tier(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "disk"])
+def test_held_bytes_counts_what_is_stored_without_reading_it(kind, tmp_path, monkeypatch):
+    tier = CpuTier() if kind == "cpu" else DiskTier(tmp_path / "tier")
+    for key in range(3):
+        tier.allocate(key, LAYOUT)
+    assert tier.held_bytes() == 0
+    tier.store(0, state(0))
+    tier.store(1, {"exp_avg": state(1)["exp_avg"]})  # a subset of the layout
+    tier.store(2, state(2))
+    tier.store(2, {})  # dropped: nothing held for it any more
+
+    def no_reads(*args):
+        raise AssertionError("held_bytes read a state back")
+
+    monkeypatch.setattr(tiers, "read_into", no_reads)
+    expected = sum(t.numel() * t.element_size() for t in state(0).values()) + state(1)["exp_avg"].nbytes
+    assert tier.held_bytes() == expected == 5 * 7 * 4 + 5 * 7 + 4 + 4 + 5 * 7 * 4
+    tier.close()
+
+
+def fail_next_write(monkeypatch) -> threading.Event:
+    """The next tensor written behind waits for the returned event, then fails with EIO; later writes succeed.
+    Waiting keeps the failure from surfacing before the test looks (store settles writes already done)."""
+    release, write_whole, calls = threading.Event(), tiers.write_from, []
+
+    def write(fd, tensor, offset):
+        calls.append(offset)
+        if len(calls) == 1:
+            release.wait(30)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        write_whole(fd, tensor, offset)
+
+    monkeypatch.setattr(tiers, "write_from", write)
+    return release
+
+
+@pytest.mark.parametrize("first_use", ["plan", "read_copy"])
+def test_a_failed_write_behind_refuses_every_later_use_in_one_sentence(first_use, tmp_path, monkeypatch):
+    """The failed file is older than the optimizer's counters: reading any state after it (a checkpoint, the
+    next step's plan) must raise, and keep raising, instead of handing out a stale state."""
+    tier = DiskTier(tmp_path / "tier", prefetch=2)
+    for key in range(2):
+        tier.allocate(key, LAYOUT)
+    tier.store(0, state(0))
+    tier.flush()
+    release = fail_next_write(monkeypatch)
+    tier.store(1, state(1))  # written behind: nothing has failed yet
+    release.set()
+    sentence = re.escape(f"could not write the state of parameter 1 to {str(tmp_path / 'tier' / 'state_000001.bin')!r}"
+                         f" ({os.strerror(errno.EIO)})")
+    with pytest.raises(OSError, match=sentence) as caught:
+        tier.plan([0, 1]) if first_use == "plan" else tier.read_copy(0)
+    assert caught.value.errno == errno.EIO
+    for use in (lambda: tier.plan([0]), lambda: tier.read_copy(0), lambda: tier.load(0),
+                lambda: tier.store(0, state(0)), tier.flush):
+        with pytest.raises(OSError, match=sentence):
+            use()
+    tier.close()  # seen already: close releases the path without raising it again
+    DiskTier(tmp_path / "tier").close()
+
+
+def test_a_write_that_fails_unseen_is_raised_by_close_which_still_releases_the_path(tmp_path, monkeypatch):
+    tier = DiskTier(tmp_path / "tier")
+    tier.allocate(0, LAYOUT)
+    release = fail_next_write(monkeypatch)
+    tier.store(0, state(0))
+    release.set()
+    with pytest.raises(OSError, match="could not write the state of parameter 0"):
+        tier.close()
+    tier.close()  # a second close does nothing
+    DiskTier(tmp_path / "tier").close()
+
+
+def test_a_closed_disk_tier_is_one_sentence(tmp_path):
+    tier = DiskTier(tmp_path / "tier")
+    tier.allocate(0, LAYOUT)
+    tier.close()
+    for use in (lambda: tier.store(0, state(0)), lambda: tier.read_copy(0), lambda: tier.plan([0])):
+        with pytest.raises(RuntimeError, match="the disk tier under .* was closed; build a new optimizer"):
+            use()
